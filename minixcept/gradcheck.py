@@ -1,0 +1,84 @@
+"""Numerical gradient checking: is a hand-written backward pass right?
+
+Pick a random upstream gradient ``dout`` (never all ones: batch-norm's gradients
+vanish under ones and the check would prove nothing) and compare, for every
+input and parameter ``a``, the analytic gradient from ``backward(dout)`` with
+the central difference of the scalar <f(a), dout>:
+
+    d<f, dout>/da[i]  ~=  (<f(a + eps e_i), dout> - <f(a - eps e_i), dout>) / (2 eps)
+
+in float64, where the difference is accurate to about eps^2. A correct backward
+pass gives a relative error around 1e-9; anything above 1e-6 is a bug.
+
+    >>> from minixcept import layers, gradcheck
+    >>> errors = gradcheck.check_layer(layers.DepthwiseConv2D(3, padding='same'), x)
+    >>> errors    # {'input': 3e-10, 'depthwise_kernel': 2e-10, 'bias': 1e-10}
+"""
+import numpy as np
+
+from .backend import asnumpy, get_array_module
+
+
+def rel_error(analytic, numeric):
+    """max |a - b| / max(max |a|, max |b|): one number, scale-free, 0 when both are 0."""
+    analytic, numeric = asnumpy(analytic), asnumpy(numeric)
+    scale = max(np.abs(analytic).max(initial=0), np.abs(numeric).max(initial=0))
+    if scale == 0:
+        return 0.0
+    return float(np.abs(analytic - numeric).max() / scale)
+
+
+def numerical_gradient(f, array, dout, eps=1e-6):
+    """Central-difference gradient of <f(), dout> with respect to ``array``.
+
+    ``f`` takes no argument and reads ``array``, which is perturbed in place one
+    element at a time and restored.
+    """
+    grad = np.zeros(array.shape, dtype=np.float64)
+    flat = array.reshape(-1)                     # a view: writing it perturbs ``array``
+    dout_sum = lambda: float((f() * dout).sum())  # noqa: E731
+    for i in range(flat.size):
+        original = flat[i].item()
+        flat[i] = original + eps
+        plus = dout_sum()
+        flat[i] = original - eps
+        minus = dout_sum()
+        flat[i] = original
+        grad.reshape(-1)[i] = (plus - minus) / (2 * eps)
+    return grad
+
+
+def check_gradients(forward, backward, arrays, dout, eps=1e-6):
+    """Relative error of each analytic gradient against finite differences.
+
+    forward():        runs the computation, reading the arrays in ``arrays`` (float64)
+    backward(dout):   returns {name: analytic gradient} for the same names
+    arrays:           {name: the array the gradient is taken with respect to}
+    """
+    forward()
+    analytic = backward(dout)
+    return {name: rel_error(analytic[name], numerical_gradient(forward, array, dout, eps))
+            for name, array in arrays.items()}
+
+
+def check_layer(layer, x, training=False, seed=0, eps=1e-6):
+    """Check a layer's input and parameter gradients; returns {'input': err, weight name: err}.
+
+    The layer is built for ``x`` if needed and cast to float64; ``dout`` is standard normal.
+    """
+    xp = get_array_module(x)
+    x = x.astype(np.float64)
+    if not layer.built:
+        layer.build(x.shape)
+    layer.astype(np.float64)
+    rng = np.random.default_rng(seed)
+    y = layer.forward(x, training=training)
+    dout = xp.asarray(rng.standard_normal(y.shape))
+
+    def backward(d):
+        dx = layer.backward(d)
+        return {'input': dx, **layer.grads}
+
+    trained = [name for name in layer.weight_names if name not in ('moving_mean', 'moving_variance')]
+    arrays = {'input': x, **{name: layer.params[name] for name in trained}}
+    return check_gradients(lambda: layer.forward(x, training=training), backward, arrays, dout, eps)

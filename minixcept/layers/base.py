@@ -1,0 +1,157 @@
+"""What every layer shares: parameters in Keras order, gradients, the cache switch.
+
+A layer here is deliberately thin. The mathematics lives in pure
+``*_forward`` / ``*_backward`` function pairs beside each class; the class only
+keeps the parameters, calls the pair, remembers the cache between forward and
+backward, and files the parameter gradients under Keras's weight names in
+``layer.grads``.
+"""
+import contextlib
+import itertools
+import re
+from collections import defaultdict
+
+import numpy as np
+
+from .. import backend
+from ..errors import ShapeError
+
+_grad_enabled = True
+_name_counters = defaultdict(itertools.count)
+
+
+@contextlib.contextmanager
+def no_grad():
+    """Run forward passes without keeping caches for backward (saves memory)."""
+    global _grad_enabled
+    previous, _grad_enabled = _grad_enabled, False
+    try:
+        yield
+    finally:
+        _grad_enabled = previous
+
+
+def grad_enabled():
+    return _grad_enabled
+
+
+def _default_name(cls):
+    """Keras-style automatic names: conv2d, conv2d_1, conv2d_2, ..."""
+    base = re.sub(r'(?<!^)(?=[A-Z][a-z])', '_', cls.__name__).lower()
+    base = base.replace('2_d', '2d')
+    count = next(_name_counters[base])
+    return base if count == 0 else f'{base}_{count}'
+
+
+class Layer:
+    """Base class. Subclasses set ``weight_names`` and implement
+    ``build``, ``_forward`` and ``_backward``."""
+
+    weight_names = ()
+
+    def __init__(self, name=None, trainable=True, dtype='float32'):
+        self.name = name or _default_name(type(self))
+        self.trainable = trainable
+        self.dtype = np.dtype(dtype)
+        self.params = {}            # Keras weight name -> array
+        self.grads = {}             # filled by backward, same keys as params
+        self.built = False
+        self.input_shape = None
+        self._cache = None
+
+    # -- parameters ----------------------------------------------------------
+    def build(self, input_shape):
+        self.input_shape = tuple(input_shape)
+        self.built = True
+
+    def _new_param(self, name, array):
+        self.params[name] = backend.to_device(array, self.dtype)
+
+    def get_weights(self):
+        """Weights as NumPy arrays, in Keras order."""
+        return [backend.asnumpy(self.params[name]) for name in self.weight_names]
+
+    def set_weights(self, weights):
+        """Set weights from a list in Keras order, checking every shape."""
+        if not self.built:
+            raise RuntimeError(f"layer {self.name!r} is not built yet: call build(input_shape) first")
+        weights = list(weights)
+        if len(weights) != len(self.weight_names):
+            raise ShapeError(
+                f"layer {self.name!r} expects {len(self.weight_names)} weights "
+                f"{list(self.weight_names)}, got {len(weights)}")
+        for name, value in zip(self.weight_names, weights):
+            expected = self.params[name].shape
+            if tuple(value.shape) != tuple(expected):
+                raise ShapeError(
+                    f"layer {self.name!r} weight {name!r}: expected shape {tuple(expected)}, "
+                    f"got {tuple(value.shape)}")
+        for name, value in zip(self.weight_names, weights):
+            self._new_param(name, value)
+
+    def count_params(self):
+        return int(sum(int(np.prod(p.shape)) for p in self.params.values()))
+
+    def astype(self, dtype):
+        """Cast parameters to ``dtype`` (float64 for gradient checks)."""
+        self.dtype = np.dtype(dtype)
+        for name, value in self.params.items():
+            self.params[name] = value.astype(self.dtype)
+        return self
+
+    # -- computation ---------------------------------------------------------
+    def forward(self, x, training=False):
+        if not self.built:
+            self.build(x.shape)
+        y, cache = self._forward(x, training)
+        self._cache = (cache,) if _grad_enabled else None       # wrapped: a cache may itself be None
+        return y
+
+    def backward(self, dy):
+        """Gradient with respect to the input; fills ``self.grads``."""
+        if self._cache is None:
+            raise RuntimeError(
+                f"layer {self.name!r}: backward needs a forward pass run with gradients "
+                f"enabled (not inside minixcept.no_grad())")
+        dx, grads = self._backward(dy, self._cache[0])
+        self.grads = grads
+        return dx
+
+    __call__ = forward
+
+    # -- description (summary) -----------------------------------------------
+    def compute_output_shape(self, input_shape):
+        return tuple(input_shape)
+
+    def multiply_adds(self, input_shape):
+        """Multiply-adds for one example of this input shape (0 for cheap layers)."""
+        return 0
+
+    def __repr__(self):
+        return f"{type(self).__name__}(name={self.name!r})"
+
+
+def glorot_uniform(shape, rng):
+    """Keras's default kernel initializer: U(-limit, limit), limit = sqrt(6 / (fan_in + fan_out))."""
+    receptive_field = int(np.prod(shape[:-2])) if len(shape) > 2 else 1
+    fan_in, fan_out = shape[-2] * receptive_field, shape[-1] * receptive_field
+    limit = np.sqrt(6.0 / (fan_in + fan_out))
+    return rng.uniform(-limit, limit, size=shape).astype(np.float32)
+
+
+_init_rng = np.random.default_rng(0)
+
+
+def set_seed(seed):
+    """Seed the generator that initialises new weights and draws dropout masks."""
+    global _init_rng
+    _init_rng = np.random.default_rng(seed)
+
+
+def init_rng():
+    return _init_rng
+
+
+def check_rank(layer, x, rank):
+    if x.ndim != rank:
+        raise ShapeError(f"layer {layer.name!r} expects a {rank}-D input, got shape {tuple(x.shape)}")

@@ -1,0 +1,106 @@
+"""DepthwiseConv2D: one small filter per channel, no mixing between channels.
+
+The depthwise half of Xception's separable convolutions. Each channel c of the
+input is convolved with its own kh x kw filter ``depthwise_kernel[:, :, c, 0]``:
+
+    y[n, i, j, c] = sum over p, q of x_pad[n, i*sh + p, j*sw + q, c] * depthwise_kernel[p, q, c, 0]
+
+(+ bias[c]). With a 3x3 kernel that is 9 multiplies per output value instead of
+the 9 * C_in of a full convolution: the saving that makes Xception affordable.
+
+Gradients follow from the same sum. Every output pixel used the input pixel
+under offset (p, q), so
+
+    dx_pad[n, i*sh + p, j*sw + q, c] += dy[n, i, j, c] * depthwise_kernel[p, q, c, 0]
+    ddepthwise_kernel[p, q, c, 0]     = sum over n, i, j of x_pad[n, i*sh + p, j*sw + q, c] * dy[n, i, j, c]
+
+Both are written as a loop over the kh*kw offsets with strided slices (no
+scatter), so they are deterministic on NumPy and CuPy alike.
+"""
+from ..backend import get_array_module
+from ..padding import as_pair, check_padding, crop_spatial, pad_spatial, window, window_geometry
+import numpy as np
+
+from .base import Layer, check_rank, glorot_uniform, init_rng
+
+
+def depthwise_conv2d_forward(x, depthwise_kernel, bias, strides, padding):
+    """Forward pass.
+
+    x: (N, H, W, C); depthwise_kernel: (kh, kw, C, 1); bias: (C,) or None.
+    Returns y: (N, H_out, W_out, C) and cache = (x, depthwise_kernel, strides, padding).
+    """
+    xp = get_array_module(x)
+    kh, kw, channels, multiplier = depthwise_kernel.shape
+    if multiplier != 1:
+        raise ValueError(f"only depth_multiplier=1 is supported, kernel has shape {depthwise_kernel.shape}")
+    out_hw, pads = window_geometry(x.shape[1:3], (kh, kw), strides, padding)
+    x_pad = pad_spatial(x, pads)
+    y = xp.zeros((x.shape[0],) + out_hw + (channels,), dtype=x.dtype)       # (N, Ho, Wo, C)
+    for p in range(kh):
+        for q in range(kw):
+            y += window(x_pad, p, q, out_hw, strides) * depthwise_kernel[p, q, :, 0]
+    if bias is not None:
+        y += bias
+    return y, (x, depthwise_kernel, strides, padding)
+
+
+def depthwise_conv2d_backward(dy, cache):
+    """Backward pass.
+
+    dy: (N, H_out, W_out, C). Returns dx (N, H, W, C), ddepthwise_kernel (kh, kw, C, 1)
+    and dbias (C,). The padded input is rebuilt from the cached x rather than kept.
+    """
+    x, depthwise_kernel, strides, padding = cache
+    xp = get_array_module(dy)
+    kh, kw = depthwise_kernel.shape[:2]
+    out_hw, pads = window_geometry(x.shape[1:3], (kh, kw), strides, padding)
+    x_pad = pad_spatial(x, pads)
+    dx_pad = xp.zeros_like(x_pad)
+    ddepthwise_kernel = xp.empty_like(depthwise_kernel)
+    for p in range(kh):
+        for q in range(kw):
+            ddepthwise_kernel[p, q, :, 0] = (window(x_pad, p, q, out_hw, strides) * dy).sum(axis=(0, 1, 2))
+            window(dx_pad, p, q, out_hw, strides)[...] += dy * depthwise_kernel[p, q, :, 0]
+    dbias = dy.sum(axis=(0, 1, 2))
+    return crop_spatial(dx_pad, pads), ddepthwise_kernel, dbias
+
+
+class DepthwiseConv2D(Layer):
+    """Keras's DepthwiseConv2D(kernel_size, strides=1, padding='valid', use_bias=True),
+    with depth_multiplier 1."""
+
+    def __init__(self, kernel_size, strides=1, padding='valid', use_bias=True, **kwargs):
+        super().__init__(**kwargs)
+        self.kernel_size = as_pair(kernel_size, 'kernel_size')
+        self.strides = as_pair(strides, 'strides')
+        self.padding = check_padding(padding)
+        self.use_bias = use_bias
+        self.weight_names = ('depthwise_kernel', 'bias') if use_bias else ('depthwise_kernel',)
+
+    def build(self, input_shape):
+        super().build(input_shape)
+        channels = input_shape[-1]
+        self._new_param('depthwise_kernel', glorot_uniform(self.kernel_size + (channels, 1), init_rng()))
+        if self.use_bias:
+            self._new_param('bias', np.zeros(channels, np.float32))
+
+    def _forward(self, x, training):
+        check_rank(self, x, 4)
+        return depthwise_conv2d_forward(x, self.params['depthwise_kernel'], self.params.get('bias'),
+                                        self.strides, self.padding)
+
+    def _backward(self, dy, cache):
+        dx, dkernel, dbias = depthwise_conv2d_backward(dy, cache)
+        grads = {'depthwise_kernel': dkernel}
+        if self.use_bias:
+            grads['bias'] = dbias
+        return dx, grads
+
+    def compute_output_shape(self, input_shape):
+        (h, w), _ = window_geometry(input_shape[1:3], self.kernel_size, self.strides, self.padding)
+        return (input_shape[0], h, w, input_shape[-1])
+
+    def multiply_adds(self, input_shape):
+        _, h, w, channels = self.compute_output_shape(input_shape)
+        return h * w * self.kernel_size[0] * self.kernel_size[1] * channels

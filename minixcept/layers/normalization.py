@@ -1,0 +1,111 @@
+"""BatchNormalization, in inference and in training mode, as Keras 3 does it.
+
+Per channel c (the last axis), with statistics over every other axis:
+
+    x_hat = (x - mean) / sqrt(var + epsilon)          epsilon = 1e-3, Keras's default
+    y     = gamma * x_hat + beta
+
+Inference uses the stored moving_mean and moving_variance. Training uses the
+batch's own mean and *biased* variance, and then moves the stored statistics
+toward them:
+
+    moving = moving * momentum + batch_statistic * (1 - momentum)       momentum = 0.99
+
+Backward, with m values per channel and inv_std = 1 / sqrt(var + epsilon):
+
+    dbeta  = sum(dy)                 dgamma = sum(dy * x_hat)
+    inference (statistics are constants):  dx = dy * gamma * inv_std
+    training  (statistics depend on x):    dx = gamma * inv_std / m * (m * dy - dbeta - x_hat * dgamma)
+
+The cache keeps only x, gamma, the mean and inv_std; x_hat is recomputed.
+"""
+import numpy as np
+
+from ..backend import get_array_module
+from .base import Layer
+
+
+def _reduce_axes(x):
+    return tuple(range(x.ndim - 1))                     # every axis but the channels
+
+
+def batch_norm_forward(x, gamma, beta, mean, variance, epsilon):
+    """Normalise x with the given per-channel mean and variance (each of shape (C,)).
+
+    Returns y like x and cache = (x, gamma, mean, inv_std, batch_statistics=False).
+    """
+    xp = get_array_module(x)
+    inv_std = 1.0 / xp.sqrt(variance + epsilon)           # (C,)
+    scale = gamma * inv_std
+    y = x * scale + (beta - mean * scale)
+    return y, (x, gamma, mean, inv_std, False)
+
+
+def batch_norm_train_forward(x, gamma, beta, epsilon):
+    """Normalise x with its own batch statistics.
+
+    Returns y, the batch mean and biased variance (C,), and cache = (x, gamma, mean, inv_std, True).
+    """
+    axes = _reduce_axes(x)
+    mean = x.mean(axis=axes)                              # (C,)
+    variance = ((x - mean) ** 2).mean(axis=axes)          # biased, as Keras 3 uses
+    y, (_, _, _, inv_std, _) = batch_norm_forward(x, gamma, beta, mean, variance, epsilon)
+    return y, mean, variance, (x, gamma, mean, inv_std, True)
+
+
+def batch_norm_backward(dy, cache):
+    """Returns dx like dy, dgamma (C,), dbeta (C,)."""
+    x, gamma, mean, inv_std, batch_statistics = cache
+    axes = _reduce_axes(x)
+    x_hat = (x - mean) * inv_std                          # recomputed, not cached
+    dbeta = dy.sum(axis=axes)
+    dgamma = (dy * x_hat).sum(axis=axes)
+    if not batch_statistics:
+        return dy * (gamma * inv_std), dgamma, dbeta
+    m = x.size // x.shape[-1]
+    dx = (gamma * inv_std / m) * (m * dy - dbeta - x_hat * dgamma)
+    return dx, dgamma, dbeta
+
+
+class BatchNormalization(Layer):
+    """Keras's BatchNormalization(axis=-1, momentum=0.99, epsilon=1e-3).
+
+    Weights in Keras order: gamma, beta, moving_mean, moving_variance; only gamma and
+    beta are trained. ``training=True`` uses batch statistics unless the layer is
+    frozen (``trainable = False``), which, as in Keras, always runs it in inference mode.
+    """
+
+    weight_names = ('gamma', 'beta', 'moving_mean', 'moving_variance')
+
+    def __init__(self, epsilon=1e-3, momentum=0.99, **kwargs):
+        super().__init__(**kwargs)
+        self.epsilon = epsilon
+        self.momentum = momentum
+
+    def build(self, input_shape):
+        super().build(input_shape)
+        channels = input_shape[-1]
+        self._new_param('gamma', np.ones(channels, np.float32))
+        self._new_param('beta', np.zeros(channels, np.float32))
+        self._new_param('moving_mean', np.zeros(channels, np.float32))
+        self._new_param('moving_variance', np.ones(channels, np.float32))
+
+    def count_trainable_params(self):
+        return 2 * int(self.params['gamma'].shape[0])
+
+    def _forward(self, x, training):
+        p = self.params
+        if training and self.trainable:
+            y, mean, variance, cache = batch_norm_train_forward(x, p['gamma'], p['beta'], self.epsilon)
+            p['moving_mean'] = p['moving_mean'] * self.momentum + mean * (1 - self.momentum)
+            p['moving_variance'] = p['moving_variance'] * self.momentum + variance * (1 - self.momentum)
+            return y, cache
+        return batch_norm_forward(x, p['gamma'], p['beta'], p['moving_mean'], p['moving_variance'],
+                                  self.epsilon)
+
+    def _backward(self, dy, cache):
+        dx, dgamma, dbeta = batch_norm_backward(dy, cache)
+        return dx, {'gamma': dgamma, 'beta': dbeta}
+
+    def multiply_adds(self, input_shape):
+        return int(np.prod(input_shape[1:]))             # one multiply-add per value

@@ -1,0 +1,88 @@
+"""Losses with their gradients, reduced as Keras reduces them: the mean over the batch.
+
+Each loss object remembers what its ``forward`` saw, so ``backward()`` needs no
+argument and returns d(loss)/d(pred) with the batch mean already folded in.
+"""
+from .backend import get_array_module
+
+EPSILON = 1e-7          # Keras's backend epsilon, used to clip probabilities
+
+
+class BinaryCrossentropy:
+    """Keras's BinaryCrossentropy(from_logits=False).
+
+    pred: (N, 1) or (N,) probabilities, or logits when from_logits=True; y: 0/1 of the same size.
+
+    from logits z (stable form):  loss = max(z, 0) - z * y + log(1 + exp(-|z|)),  dloss/dz = sigmoid(z) - y
+    from probabilities p, as Keras clips them to [eps, 1 - eps]:
+        loss = -(y * log(p + eps) + (1 - y) * log(1 - p + eps))
+    """
+
+    def __init__(self, from_logits=False):
+        self.from_logits = from_logits
+        self._saved = None
+
+    def forward(self, pred, y):
+        xp = get_array_module(pred)
+        y = xp.asarray(y, dtype=pred.dtype).reshape(pred.shape)
+        if self.from_logits:
+            per_example = xp.maximum(pred, 0) - pred * y + xp.log1p(xp.exp(-xp.abs(pred)))
+        else:
+            p = xp.clip(pred, EPSILON, 1 - EPSILON)
+            per_example = -(y * xp.log(p + EPSILON) + (1 - y) * xp.log(1 - p + EPSILON))
+        self._saved = (pred, y)
+        return per_example.mean()
+
+    def backward(self):
+        pred, y = self._saved
+        xp = get_array_module(pred)
+        n = pred.size
+        if self.from_logits:
+            sigmoid = 1 / (1 + xp.exp(-pred))
+            return (sigmoid - y) / n
+        p = xp.clip(pred, EPSILON, 1 - EPSILON)
+        inside = (pred > EPSILON) & (pred < 1 - EPSILON)          # the clip passes no gradient outside
+        return (-(y / (p + EPSILON)) + (1 - y) / (1 - p + EPSILON)) * inside / n
+
+
+class SparseCategoricalCrossentropy:
+    """Keras's SparseCategoricalCrossentropy(from_logits=False).
+
+    pred: (N, K) probabilities, or logits when from_logits=True; y: (N,) integer classes.
+
+    from logits z:  loss = -log softmax(z)[y],  dloss/dz = softmax(z) - onehot(y)
+    from probabilities p: Keras clips p to [eps, 1 - eps] and takes log(p) as logits,
+        so loss = -log(p_y / sum_k p_k),  dloss/dp_k = 1 / sum_j p_j - [k == y] / p_y
+    """
+
+    def __init__(self, from_logits=False):
+        self.from_logits = from_logits
+        self._saved = None
+
+    def forward(self, pred, y):
+        xp = get_array_module(pred)
+        y = xp.asarray(y).reshape(-1).astype(int)
+        rows = xp.arange(pred.shape[0])
+        if self.from_logits:
+            shifted = pred - pred.max(axis=-1, keepdims=True)
+            log_probs = shifted - xp.log(xp.exp(shifted).sum(axis=-1, keepdims=True))
+        else:
+            p = xp.clip(pred, EPSILON, 1 - EPSILON)
+            log_probs = xp.log(p) - xp.log(p.sum(axis=-1, keepdims=True))
+        self._saved = (pred, y, log_probs)
+        return -log_probs[rows, y].mean()
+
+    def backward(self):
+        pred, y, log_probs = self._saved
+        xp = get_array_module(pred)
+        n = pred.shape[0]
+        rows = xp.arange(n)
+        if self.from_logits:
+            grad = xp.exp(log_probs)
+            grad[rows, y] -= 1
+            return grad / n
+        p = xp.clip(pred, EPSILON, 1 - EPSILON)
+        inside = (pred > EPSILON) & (pred < 1 - EPSILON)
+        grad = xp.broadcast_to(1 / p.sum(axis=-1, keepdims=True), p.shape).copy()
+        grad[rows, y] -= 1 / p[rows, y]
+        return grad * inside / n

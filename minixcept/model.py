@@ -1,0 +1,188 @@
+"""A model is a list of layers run in order, each reading tensors by name.
+
+That is all a graph like Xception's needs: a node names its layer and the
+tensors it reads (``'input'`` or an earlier layer's name), and its output is
+stored under its own name. The backward pass walks the nodes in reverse; where a
+tensor was read by two nodes (a residual block's input), the two gradients that
+come back to it are added.
+"""
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import backend
+from .errors import ShapeError
+from .layers.base import no_grad
+
+
+@dataclass
+class Node:
+    layer: object
+    inputs: tuple          # names of the tensors this layer reads
+
+
+class Model:
+    """Layers wired by name. Subclasses add nodes with ``self.add(layer, *inputs)``."""
+
+    def __init__(self, input_shape, name='model'):
+        self.name = name
+        self.input_shape = tuple(input_shape)        # one example: (H, W, C) or (features,)
+        self.nodes = []
+        self._shapes = {'input': (None,) + self.input_shape}
+
+    def add(self, layer, *inputs):
+        """Append ``layer`` reading ``inputs`` (default: the previous node's output); build it.
+
+        Returns the layer's name, which later nodes use as their input.
+        """
+        inputs = inputs or ((self.nodes[-1].layer.name if self.nodes else 'input'),)
+        if layer.name in self._shapes:
+            raise ValueError(f"model {self.name!r} already has a layer named {layer.name!r}")
+        shape = self._shapes[inputs[0]]
+        if not layer.built:
+            layer.build(shape)
+        self._shapes[layer.name] = layer.compute_output_shape(shape)
+        self.nodes.append(Node(layer, tuple(inputs)))
+        return layer.name
+
+    # -- the layers ------------------------------------------------------------
+    @property
+    def layers(self):
+        return [node.layer for node in self.nodes]
+
+    def get_layer(self, name):
+        for node in self.nodes:
+            if node.layer.name == name:
+                return node.layer
+        raise KeyError(f"model {self.name!r} has no layer named {name!r}")
+
+    def count_params(self):
+        return sum(layer.count_params() for layer in self.layers)
+
+    def output_shape(self, name=None):
+        return self._shapes[name or self.nodes[-1].layer.name]
+
+    # -- computation -----------------------------------------------------------
+    def check_input(self, x):
+        expected = self.input_shape
+        if x.ndim != len(expected) + 1 or tuple(x.shape[1:]) != expected:
+            raise ShapeError(f"model {self.name!r} expects input of shape (N, {', '.join(map(str, expected))}), "
+                             f"got {tuple(x.shape)}")
+
+    def forward(self, x, training=False, capture=None):
+        """Run every layer. With ``capture`` (a list of layer names, or 'all'), also return
+        ``{name: output}`` for those layers.
+
+        Tensors no later layer reads are dropped as soon as possible to save memory.
+        """
+        self.check_input(x)
+        wanted = set(self._names() if capture == 'all' else (capture or ()))
+        unknown = wanted - set(self._names())
+        if unknown:
+            raise KeyError(f"model {self.name!r} has no layers named {sorted(unknown)}")
+        last_use = self._last_use()
+        tensors, captured = {'input': x}, {}
+        for position, node in enumerate(self.nodes):
+            out = node.layer.forward(*(tensors[name] for name in node.inputs), training=training)
+            tensors[node.layer.name] = out
+            if node.layer.name in wanted:
+                captured[node.layer.name] = out
+            for name in node.inputs:
+                if last_use[name] == position:
+                    del tensors[name]
+        y = tensors[self.nodes[-1].layer.name]
+        return (y, captured) if capture is not None else y
+
+    __call__ = forward
+
+    def backward(self, dy, stop_at=None):
+        """Backpropagate ``dy`` through every layer; returns the gradient of the input.
+
+        Each layer's ``grads`` are filled. ``stop_at`` names a layer: the walk stops after
+        that layer's backward (useful when the layers before it are frozen) and returns
+        the gradient with respect to its input.
+        """
+        pending = {self.nodes[-1].layer.name: dy}
+        for node in reversed(self.nodes):
+            grad = pending.pop(node.layer.name)
+            input_grads = node.layer.backward(grad)
+            if len(node.inputs) == 1:
+                input_grads = (input_grads,)
+            for name, g in zip(node.inputs, input_grads):
+                pending[name] = pending[name] + g if name in pending else g   # fan-out: gradients add
+            if node.layer.name == stop_at:
+                return input_grads[0]
+        return pending['input']
+
+    def predict(self, x, batch_size=32):
+        """Inference in batches, keeping no caches; returns a NumPy array."""
+        outputs = []
+        with no_grad():
+            for start in range(0, len(x), batch_size):
+                batch = backend.to_device(x[start:start + batch_size], np.float32)
+                outputs.append(backend.asnumpy(self.forward(batch, training=False)))
+        return np.concatenate(outputs)
+
+    # -- weights ---------------------------------------------------------------
+    def get_weights(self):
+        return [w for layer in self.layers for w in layer.get_weights()]
+
+    def load_weights(self, path):
+        from .weights import load_weights
+        load_weights(self, path)
+
+    def save_weights(self, path):
+        from .weights import save_weights
+        save_weights(self, path)
+
+    # -- description -----------------------------------------------------------
+    def _names(self):
+        return [node.layer.name for node in self.nodes]
+
+    def _last_use(self):
+        last = {'input': -1}
+        for position, node in enumerate(self.nodes):
+            last[node.layer.name] = len(self.nodes)         # outputs live until read, the last one always
+            for name in node.inputs:
+                last[name] = position
+        last[self.nodes[-1].layer.name] = len(self.nodes)
+        return last
+
+    def multiply_adds(self):
+        """Multiply-adds for one example."""
+        return sum(node.layer.multiply_adds(self._shapes[node.inputs[0]]) for node in self.nodes)
+
+    def summary(self, print_fn=print):
+        """Print each layer's name, type, output shape, parameters and multiply-adds, with totals."""
+        rows = [('Layer (type)', 'Output shape', 'Params', 'Mult-adds')]
+        for node in self.nodes:
+            layer = node.layer
+            shape = '(None, ' + ', '.join(map(str, self._shapes[layer.name][1:])) + ')'
+            rows.append((f'{layer.name} ({type(layer).__name__})', shape, f'{layer.count_params():,}',
+                         f'{layer.multiply_adds(self._shapes[node.inputs[0]]):,}'))
+        widths = [max(len(row[i]) for row in rows) for i in range(4)]
+        line = lambda row: '  '.join(  # noqa: E731
+            cell.ljust(w) if i < 2 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
+        rule = '-' * len(line(rows[0]))
+        print_fn(f'Model: {self.name}')
+        print_fn(rule)
+        print_fn(line(rows[0]))
+        print_fn(rule)
+        for row in rows[1:]:
+            print_fn(line(row))
+        print_fn(rule)
+        trainable = sum(layer.count_params() for layer in self.layers if layer.trainable)
+        print_fn(f'Total params: {self.count_params():,}  (trainable: {trainable:,})')
+        print_fn(f'Total mult-adds per example: {self.multiply_adds():,}')
+
+
+class Sequential(Model):
+    """Layers applied one after another, e.g. a classification head:
+
+        head = Sequential([Dense(256, activation='relu'), Dropout(0.5), Dense(1)], input_shape=(2048,))
+    """
+
+    def __init__(self, layers, input_shape, name='sequential'):
+        super().__init__(input_shape, name=name)
+        for layer in layers:
+            self.add(layer)

@@ -1,0 +1,75 @@
+"""SGD with momentum and Adam, with Keras 3's update rules and defaults.
+
+An optimizer updates, in place, every parameter of every trainable layer for
+which the last backward pass left a gradient in ``layer.grads``. Its per-parameter
+state (velocity, moments) is keyed by the layer and the weight name.
+"""
+from .backend import get_array_module
+
+
+class Optimizer:
+    def __init__(self, learning_rate):
+        self.learning_rate = learning_rate
+        self.iterations = 0
+        self._slots = {}
+
+    def _slot(self, layer, name, kind, like):
+        key = (id(layer), name, kind)
+        if key not in self._slots:
+            self._slots[key] = get_array_module(like).zeros_like(like)
+        return self._slots[key]
+
+    def apply_gradients(self, layers):
+        """One step over the gradients in each trainable layer's ``grads``."""
+        self.iterations += 1
+        for layer in layers:
+            if not layer.trainable:
+                continue
+            for name, grad in layer.grads.items():
+                layer.params[name] = self._update(layer, name, layer.params[name], grad)
+
+    step = apply_gradients
+
+
+class SGD(Optimizer):
+    """Keras's SGD(learning_rate=0.01, momentum=0.0, nesterov=False).
+
+    v = momentum * v - lr * g;   w = w + v   (nesterov: w = w + momentum * v - lr * g)
+    """
+
+    def __init__(self, learning_rate=0.01, momentum=0.0, nesterov=False):
+        super().__init__(learning_rate)
+        self.momentum = momentum
+        self.nesterov = nesterov
+
+    def _update(self, layer, name, param, grad):
+        if self.momentum == 0:
+            return param - self.learning_rate * grad
+        velocity = self._slot(layer, name, 'velocity', param)
+        velocity *= self.momentum
+        velocity -= self.learning_rate * grad
+        if self.nesterov:
+            return param + self.momentum * velocity - self.learning_rate * grad
+        return param + velocity
+
+
+class Adam(Optimizer):
+    """Keras's Adam(learning_rate=0.001, beta_1=0.9, beta_2=0.999, epsilon=1e-7).
+
+    m = m + (g - m)(1 - b1);  v = v + (g^2 - v)(1 - b2)
+    w = w - lr * sqrt(1 - b2^t) / (1 - b1^t) * m / (sqrt(v) + epsilon)
+    """
+
+    def __init__(self, learning_rate=0.001, beta_1=0.9, beta_2=0.999, epsilon=1e-7):
+        super().__init__(learning_rate)
+        self.beta_1, self.beta_2, self.epsilon = beta_1, beta_2, epsilon
+
+    def _update(self, layer, name, param, grad):
+        xp = get_array_module(param)
+        m = self._slot(layer, name, 'm', param)
+        v = self._slot(layer, name, 'v', param)
+        m += (grad - m) * (1 - self.beta_1)
+        v += (grad * grad - v) * (1 - self.beta_2)
+        t = self.iterations
+        step_size = self.learning_rate * (1 - self.beta_2 ** t) ** 0.5 / (1 - self.beta_1 ** t)
+        return param - (step_size * m / (xp.sqrt(v) + self.epsilon)).astype(param.dtype)

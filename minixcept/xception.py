@@ -1,0 +1,137 @@
+"""Xception (Chollet, 2017), layer for layer as keras.applications.Xception builds it.
+
+Entry flow:   two 3x3 convolutions (block 1), then three blocks (2-4) of two separable
+              convolutions and a stride-2 max pool, each with a 1x1 stride-2 convolution
+              on the shortcut.
+Middle flow:  eight identical blocks (5-12) of three ReLU -> separable conv -> batch-norm
+              steps at 728 channels, with an identity shortcut.
+Exit flow:    one more downsampling block (13), then two separable convolutions with
+              ReLU after them (block 14), global average pooling and the classifier.
+
+Layer names and order are Keras 3's, so weights load by order and activations
+can be compared with Keras name by name.
+
+Two details of the graph matter for correctness (and have broken ports):
+- block 2 has no leading ReLU; blocks 3-13 apply ReLU to the block input on the main
+  branch only, and the shortcut reads the *pre*-ReLU tensor;
+- a block input feeds two branches, so its gradient is the sum of both (the Model adds).
+"""
+from .errors import ShapeError
+from .layers import (Activation, Add, BatchNormalization, Conv2D, Dense, GlobalAveragePooling2D,
+                     GlobalMaxPooling2D, MaxPooling2D, SeparableConv2D)
+from .model import Model
+
+MIN_SIDE = 71          # the smallest input the four stride-2 stages reduce to at least 3x3
+
+
+class Xception(Model):
+    """Xception(include_top=True, weights=None, input_shape=(299, 299, 3), pooling=None,
+    classes=1000, middle_blocks=8).
+
+    weights: None (random initialisation), 'imagenet' (fetched as the weights/ script
+    does), or the path of a Keras HDF5 / .keras file.
+    pooling (without the top): None (the 4-D block14 output), 'avg' or 'max'.
+    middle_blocks: depth of the middle flow (8 in the paper).
+    """
+
+    def __init__(self, include_top=True, weights=None, input_shape=(299, 299, 3), pooling=None,
+                 classes=1000, middle_blocks=8, name='xception'):
+        input_shape = tuple(input_shape)
+        if (len(input_shape) != 3 or input_shape[2] != 3
+                or input_shape[0] < MIN_SIDE or input_shape[1] < MIN_SIDE):
+            raise ShapeError(f"Xception takes inputs of shape (height, width, 3) with both sides "
+                             f">= {MIN_SIDE}, got input_shape={input_shape}")
+        if pooling not in (None, 'avg', 'max'):
+            raise ValueError(f"pooling must be None, 'avg' or 'max', got {pooling!r}")
+        super().__init__(input_shape, name=name)
+        self.include_top = include_top
+        self.pooling = pooling
+        self.classes = classes
+        self.middle_blocks = middle_blocks
+        self._residual_count = 0
+        self._add_count = 0
+
+        x = self._entry_flow()
+        x = self._middle_flow(x)
+        x = self._exit_flow(x)
+        if include_top:
+            x = self.add(GlobalAveragePooling2D(name='avg_pool'), x)
+            self.add(Dense(classes, activation='softmax', name='predictions'), x)
+        elif pooling == 'avg':
+            self.add(GlobalAveragePooling2D(name='global_average_pooling2d'), x)
+        elif pooling == 'max':
+            self.add(GlobalMaxPooling2D(name='global_max_pooling2d'), x)
+
+        if weights == 'imagenet':
+            from .weights import fetch
+            self.load_weights(fetch(include_top=include_top))
+        elif weights is not None:
+            self.load_weights(weights)
+
+    # -- pieces named as Keras names them ---------------------------------------
+    def _conv_bn_relu(self, x, filters, name, strides=1):
+        x = self.add(Conv2D(filters, 3, strides=strides, use_bias=False, name=name), x)
+        x = self.add(BatchNormalization(name=f'{name}_bn'), x)
+        return self.add(Activation('relu', name=f'{name}_act'), x)
+
+    def _sepconv_bn(self, x, filters, name):
+        x = self.add(SeparableConv2D(filters, 3, padding='same', use_bias=False, name=name), x)
+        return self.add(BatchNormalization(name=f'{name}_bn'), x)
+
+    def _relu(self, x, name):
+        return self.add(Activation('relu', name=name), x)
+
+    def _numbered(self, base, count):
+        return base if count == 0 else f'{base}_{count}'
+
+    def _downsampling_block(self, x, block, filters, leading_relu=True):
+        """ReLU? -> sepconv -> BN -> ReLU -> sepconv -> BN -> 3x3/2 max pool, plus a 1x1/2 conv shortcut.
+
+        ``filters`` = (first sepconv, second sepconv). Layers are added in Keras's order:
+        the main branch up to its last batch-norm, then the shortcut conv, the pool, the
+        shortcut's batch-norm, and the add.
+        """
+        block_input = x
+        if leading_relu:
+            x = self._relu(x, f'{block}_sepconv1_act')
+        x = self._sepconv_bn(x, filters[0], f'{block}_sepconv1')
+        x = self._relu(x, f'{block}_sepconv2_act')
+        x = self._sepconv_bn(x, filters[1], f'{block}_sepconv2')
+        index = self._residual_count
+        self._residual_count += 1
+        shortcut = self.add(Conv2D(filters[1], 1, strides=2, padding='same', use_bias=False,
+                                   name=self._numbered('conv2d', index)), block_input)
+        x = self.add(MaxPooling2D(3, strides=2, padding='same', name=f'{block}_pool'), x)
+        shortcut = self.add(BatchNormalization(name=self._numbered('batch_normalization', index)), shortcut)
+        return self._add_residual(x, shortcut)
+
+    def _add_residual(self, x, shortcut):
+        name = self._numbered('add', self._add_count)
+        self._add_count += 1
+        return self.add(Add(name=name), x, shortcut)
+
+    # -- the three flows -----------------------------------------------------------
+    def _entry_flow(self):
+        x = self._conv_bn_relu('input', 32, 'block1_conv1', strides=2)    # 'valid' padding
+        x = self._conv_bn_relu(x, 64, 'block1_conv2')
+        x = self._downsampling_block(x, 'block2', (128, 128), leading_relu=False)
+        x = self._downsampling_block(x, 'block3', (256, 256))
+        return self._downsampling_block(x, 'block4', (728, 728))
+
+    def _middle_flow(self, x):
+        for index in range(self.middle_blocks):
+            block = f'block{index + 5}'
+            block_input = x
+            for step in (1, 2, 3):
+                x = self._relu(x, f'{block}_sepconv{step}_act')
+                x = self._sepconv_bn(x, 728, f'{block}_sepconv{step}')
+            x = self._add_residual(x, block_input)
+        return x
+
+    def _exit_flow(self, x):
+        first = self.middle_blocks + 5          # block13 and block14 in the paper's network
+        x = self._downsampling_block(x, f'block{first}', (728, 1024))
+        x = self._sepconv_bn(x, 1536, f'block{first + 1}_sepconv1')
+        x = self._relu(x, f'block{first + 1}_sepconv1_act')
+        x = self._sepconv_bn(x, 2048, f'block{first + 1}_sepconv2')
+        return self._relu(x, f'block{first + 1}_sepconv2_act')
