@@ -1,0 +1,77 @@
+"""Shared fixtures: the backends to run on, TensorFlow when present, the real weights and photos."""
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import minixcept
+from minixcept import backend
+
+REPO = Path(__file__).resolve().parents[1]
+REFERENCE_DIR = Path(__file__).resolve().parent / 'reference'
+NOTOP_WEIGHTS = REPO / 'weights' / 'xception_weights_tf_dim_ordering_tf_kernels_notop.h5'
+CATDOG = REPO.parent / 'shared' / 'catdog'
+IN_CI = os.environ.get('CI', '').lower() in ('1', 'true', 'yes')
+
+
+def _missing(reason):
+    """Skip locally, but fail in CI, where everything a test needs is installed on purpose."""
+    if IN_CI:
+        pytest.fail(f"{reason} (CI must have it)")
+    pytest.skip(reason)
+
+
+@pytest.fixture(params=['numpy', 'cupy'])
+def xp(request):
+    """The array module to test on: NumPy always, CuPy when a GPU is present."""
+    if request.param == 'cupy' and not backend.gpu_available():
+        pytest.skip('no GPU: cupy is not installed or sees no CUDA device')
+    previous = backend.current()
+    backend.use(request.param)
+    yield backend.xp()
+    backend.use(previous)
+
+
+@pytest.fixture(scope='session')
+def tf():
+    """TensorFlow on the CPU in float32 (TF32 off), or a skip saying it is not installed."""
+    os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+    os.environ.setdefault('CUDA_VISIBLE_DEVICES', '')
+    try:
+        import tensorflow
+    except ImportError:
+        _missing('TensorFlow is not installed (pip install minixcept[reference])')
+    tensorflow.config.experimental.enable_tensor_float_32_execution(False)
+    return tensorflow
+
+
+@pytest.fixture(scope='session')
+def notop_weights():
+    """The official notop ImageNet weights, fetched once if absent."""
+    if not NOTOP_WEIGHTS.exists():
+        try:
+            from minixcept.weights import fetch
+            fetch(include_top=False, dest_dir=NOTOP_WEIGHTS.parent)
+        except Exception as error:  # no network or no fetch: say why
+            _missing(f'ImageNet notop weights unavailable: {error}')
+    return NOTOP_WEIGHTS
+
+
+@pytest.fixture(scope='session')
+def catdog():
+    if not CATDOG.is_dir():
+        _missing(f'the cat/dog photos are not beside the repository ({CATDOG.name}/ under shared/)')
+    return CATDOG
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(1234)
+
+
+def relative_error(ours, reference):
+    """max |a - b| / max |b|: the measure DESIGN.md sets for comparisons with TensorFlow."""
+    ours, reference = minixcept.asnumpy(ours).astype(np.float64), np.asarray(reference, np.float64)
+    assert ours.shape == reference.shape, f"shape {ours.shape} != reference {reference.shape}"
+    return float(np.abs(ours - reference).max() / np.abs(reference).max())
