@@ -63,26 +63,36 @@ class Model:
         return self._shapes[name or self.nodes[-1].layer.name]
 
     # -- computation -----------------------------------------------------------
-    def check_input(self, x):
-        expected = self.input_shape
-        if x.ndim != len(expected) + 1 or tuple(x.shape[1:]) != expected:
-            raise ShapeError(f"model {self.name!r} expects input of shape (N, {', '.join(map(str, expected))}), "
+    def check_input(self, x, start_after=None):
+        expected = self.input_shape if start_after is None else self._shapes[start_after][1:]
+        if x.ndim != len(expected) + 1 or tuple(x.shape[1:]) != tuple(expected):
+            what = 'input' if start_after is None else f'input after layer {start_after!r}'
+            raise ShapeError(f"model {self.name!r} expects {what} of shape (N, {', '.join(map(str, expected))}), "
                              f"got {tuple(x.shape)}")
 
-    def forward(self, x, training=False, capture=None):
+    def forward(self, x, training=False, capture=None, start_after=None, stop_after=None):
         """Run every layer. With ``capture`` (a list of layer names, or 'all'), also return
         ``{name: output}`` for those layers.
 
+        ``start_after`` and ``stop_after`` name layers and run only a stretch of the graph:
+        with ``start_after``, ``x`` is that layer's output (computed earlier, e.g. a cached
+        frozen prefix) and only the layers after it run; with ``stop_after``, the output of
+        that layer is returned and the layers after it do not run. A stretch may start only
+        where a single tensor crosses, e.g. between two Xception blocks.
+
         Tensors no later layer reads are dropped as soon as possible to save memory.
         """
-        self.check_input(x)
-        wanted = set(self._names() if capture == 'all' else (capture or ()))
-        unknown = wanted - set(self._names())
+        first, last = self._stretch(start_after, stop_after)
+        self.check_input(x, start_after)
+        names = self._names()[first:last + 1]
+        wanted = set(names if capture == 'all' else (capture or ()))
+        unknown = wanted - set(names)
         if unknown:
-            raise KeyError(f"model {self.name!r} has no layers named {sorted(unknown)}")
-        last_use = self._last_use()
-        tensors, captured = {'input': x}, {}
-        for position, node in enumerate(self.nodes):
+            raise KeyError(f"model {self.name!r} runs no layers named {sorted(unknown)}")
+        last_use = self._last_use(first, last)
+        tensors, captured = {start_after or 'input': x}, {}
+        for position in range(first, last + 1):
+            node = self.nodes[position]
             out = node.layer.forward(*(tensors[name] for name in node.inputs), training=training)
             tensors[node.layer.name] = out
             if node.layer.name in wanted:
@@ -90,20 +100,23 @@ class Model:
             for name in node.inputs:
                 if last_use[name] == position:
                     del tensors[name]
-        y = tensors[self.nodes[-1].layer.name]
+        self._last_run = (first, last, start_after or 'input')
+        y = tensors[names[-1]]
         return (y, captured) if capture is not None else y
 
     __call__ = forward
 
     def backward(self, dy, stop_at=None):
-        """Backpropagate ``dy`` through every layer; returns the gradient of the input.
+        """Backpropagate ``dy`` through the layers the last forward ran; returns the gradient
+        of that forward's input (or, after ``start_after``, of that layer's output).
 
         Each layer's ``grads`` are filled. ``stop_at`` names a layer: the walk stops after
         that layer's backward (useful when the layers before it are frozen) and returns
         the gradient with respect to its input.
         """
-        pending = {self.nodes[-1].layer.name: dy}
-        for node in reversed(self.nodes):
+        first, last, start = getattr(self, '_last_run', (0, len(self.nodes) - 1, 'input'))
+        pending = {self.nodes[last].layer.name: dy}
+        for node in reversed(self.nodes[first:last + 1]):
             grad = pending.pop(node.layer.name)
             input_grads = node.layer.backward(grad)
             if len(node.inputs) == 1:
@@ -112,7 +125,7 @@ class Model:
                 pending[name] = pending[name] + g if name in pending else g   # fan-out: gradients add
             if node.layer.name == stop_at:
                 return input_grads[0]
-        return pending['input']
+        return pending[start]
 
     def predict(self, x, batch_size=32):
         """Inference in batches, keeping no caches; returns a NumPy array."""
@@ -139,14 +152,38 @@ class Model:
     def _names(self):
         return [node.layer.name for node in self.nodes]
 
-    def _last_use(self):
-        last = {'input': -1}
+    def _position(self, name):
         for position, node in enumerate(self.nodes):
-            last[node.layer.name] = len(self.nodes)         # outputs live until read, the last one always
+            if node.layer.name == name:
+                return position
+        raise KeyError(f"model {self.name!r} has no layer named {name!r}")
+
+    def _stretch(self, start_after, stop_after):
+        """Positions (first, last) of the nodes to run; checks that only ``start_after`` crosses in."""
+        first = 0 if start_after is None else self._position(start_after) + 1
+        last = len(self.nodes) - 1 if stop_after is None else self._position(stop_after)
+        if first > last:
+            raise ValueError(f"model {self.name!r}: no layers between start_after={start_after!r} "
+                             f"and stop_after={stop_after!r}")
+        inside = {start_after or 'input'} | {node.layer.name for node in self.nodes[first:last + 1]}
+        for node in self.nodes[first:last + 1]:
+            outside = [name for name in node.inputs if name not in inside]
+            if outside:
+                raise ValueError(f"model {self.name!r} cannot start after {start_after!r}: layer "
+                                 f"{node.layer.name!r} also reads {outside[0]!r}, computed before it")
+        return first, last
+
+    def _last_use(self, first=0, last=None):
+        """For each tensor, the position of the last node (in first..last) that reads it."""
+        last = len(self.nodes) - 1 if last is None else last
+        uses = {}
+        for position in range(first, last + 1):
+            node = self.nodes[position]
+            uses[node.layer.name] = len(self.nodes)          # outputs live until read, the last one always
             for name in node.inputs:
-                last[name] = position
-        last[self.nodes[-1].layer.name] = len(self.nodes)
-        return last
+                uses[name] = position
+        uses[self.nodes[last].layer.name] = len(self.nodes)
+        return uses
 
     def multiply_adds(self):
         """Multiply-adds for one example."""
