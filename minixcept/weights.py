@@ -57,6 +57,7 @@ Command line::
 import argparse
 import datetime
 import hashlib
+import io
 import json
 import os
 import re
@@ -306,7 +307,6 @@ def _read_keras_archive(path):
             with archive.open(info) as member, h5py.File(member, "r") as f:
                 return _read_h5(f, path, config)
         # Compressed: seeking would mean decompressing again, so read it whole.
-        import io
         with h5py.File(io.BytesIO(archive.read(info)), "r") as f:
             return _read_h5(f, path, config)
 
