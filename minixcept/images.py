@@ -1,5 +1,46 @@
-"""Turning photos into Xception's input."""
+"""Turning photos into Xception's input: Pillow loading and resizing, folders of labelled photos.
+
+A photo goes through the same steps as in Keras's ``keras.utils.load_img``:
+read the bytes, let Pillow decode them, convert to RGB when the photo is in any
+other mode (grey, grey + alpha, RGBA, palette, CMYK...), resize to the model's
+size with Pillow's own resampling filter, then ``preprocess_input`` scales
+[0, 255] to [-1, 1].
+
+A labelled dataset is a folder per split, holding a folder per class, as
+Keras's ``image_dataset_from_directory`` expects::
+
+    data/train/cats/*.jpg        data/train/dogs/*.jpg
+    data/validation/cats/*.jpg   data/validation/dogs/*.jpg
+    data/test/cats/*.jpg         data/test/dogs/*.jpg        (test/ is optional)
+"""
+import io
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
 import numpy as np
+from PIL import Image
+
+#: Files with these extensions are photos; anything else in a class folder (notes, .DS_Store,
+#: spreadsheets) is ignored. Keras's list (.bmp .gif .jpeg .jpg .png) and three more Pillow reads.
+IMAGE_EXTENSIONS = ('.bmp', '.gif', '.jpeg', '.jpg', '.png', '.tif', '.tiff', '.webp')
+
+try:
+    _Resampling = Image.Resampling                  # Pillow >= 9.1
+except AttributeError:                              # pragma: no cover - older Pillow
+    _Resampling = Image
+
+#: Keras's interpolation names and the Pillow filters behind them.
+INTERPOLATIONS = {
+    'nearest': _Resampling.NEAREST,
+    'bilinear': _Resampling.BILINEAR,
+    'bicubic': _Resampling.BICUBIC,
+    'hamming': _Resampling.HAMMING,
+    'box': _Resampling.BOX,
+    'lanczos': _Resampling.LANCZOS,
+}
+
+SPLITS = ('train', 'validation', 'test')
 
 
 def preprocess_input(images):
@@ -8,3 +49,174 @@ def preprocess_input(images):
     Accepts uint8 or float arrays of any shape ending in 3 channels; returns float32.
     """
     return np.asarray(images, dtype=np.float32) / np.float32(127.5) - np.float32(1.0)
+
+
+# -- one photo -----------------------------------------------------------------------------------
+
+class ImageDecodeError(ValueError):
+    """A file could not be read as a photo (empty, truncated, not an image).
+
+    ``path`` is the file, ``reason`` what went wrong; the message says both.
+    """
+
+    def __init__(self, path, reason):
+        super().__init__(f"{path}: {reason}")
+        self.path, self.reason = str(path), reason
+
+
+def load_image(path, target_size=None, interpolation='bilinear'):
+    """Read a photo as an RGB uint8 array of shape (height, width, 3).
+
+    Pixel for pixel equal to ``keras.utils.img_to_array(keras.utils.load_img(path,
+    target_size=target_size, interpolation=interpolation))`` (which holds the same values as
+    float32), because it takes the same steps:
+
+    1. read the whole file and let Pillow decode it;
+    2. if the mode is not 'RGB', ``convert('RGB')``: grey is repeated over the three channels,
+       alpha is dropped (not blended over a background), a palette is looked up, CMYK goes
+       through Pillow's own conversion;
+    3. if ``target_size = (height, width)`` differs from the photo's size, resize to it with
+       the Pillow filter named by ``interpolation`` (aspect ratio not kept: the photo is
+       stretched, no crop). Note Keras's ``load_img`` defaults to 'nearest'; here the
+       default is 'bilinear', what Keras's ``image_dataset_from_directory`` uses.
+
+    EXIF orientation is not applied, as in Keras. Raises ImageDecodeError naming the file
+    when it is empty or cannot be decoded.
+    """
+    if interpolation not in INTERPOLATIONS:
+        raise ValueError(f"unknown interpolation {interpolation!r}: choose one of {sorted(INTERPOLATIONS)}")
+    with open(path, 'rb') as f:
+        data = f.read()
+    if not data:
+        raise ImageDecodeError(path, 'empty file')
+    try:
+        image = Image.open(io.BytesIO(data))
+        if image.mode != 'RGB':
+            image = image.convert('RGB')
+        if target_size is not None:
+            width_height = (int(target_size[1]), int(target_size[0]))       # Pillow sizes are (w, h)
+            if image.size != width_height:
+                image = image.resize(width_height, INTERPOLATIONS[interpolation])
+        pixels = np.asarray(image, dtype=np.uint8)                          # decoding happens here at the latest
+    except Exception as error:   # Pillow's decoders raise OSError, SyntaxError, struct.error, ...
+        raise ImageDecodeError(path, f'cannot be decoded ({type(error).__name__}: {error})') from error
+    return pixels
+
+
+def load_batch(paths, image_size, interpolation='bilinear'):
+    """Load photos resized to (image_size, image_size), skipping those that fail to decode.
+
+    Returns ``(pixels, loaded, failures)``: pixels (n_loaded, image_size, image_size, 3) uint8,
+    ``loaded`` the positions in ``paths`` of its rows, ``failures`` a list of
+    ``(path, reason)`` for the others.
+    """
+    rows, loaded, failures = [], [], []
+    for position, path in enumerate(paths):
+        try:
+            rows.append(load_image(path, (image_size, image_size), interpolation))
+            loaded.append(position)
+        except ImageDecodeError as error:
+            failures.append((error.path, error.reason))
+    pixels = np.stack(rows) if rows else np.zeros((0, image_size, image_size, 3), np.uint8)
+    return pixels, loaded, failures
+
+
+# -- folders of labelled photos ------------------------------------------------------------------
+
+class DatasetLayoutError(ValueError):
+    """A data folder is missing or not laid out as split/class/photo. The message shows the layout."""
+
+
+def expected_layout(data_dir='DATA', class_names=('cats', 'dogs')):
+    """The folder layout that ``find_image_folders`` expects, drawn as text."""
+    lines = [f'    {data_dir}/']
+    for split in SPLITS:
+        note = '          (optional)' if split == 'test' else ''
+        lines.append(f'        {split}/{note}')
+        for name in class_names:
+            lines.append(f'            {name}/    *.jpg, *.png, ... (one folder per class)')
+    return ('Expected layout (the same class folders in every split; sorted class names give the '
+            'labels 0, 1, ...):\n' + '\n'.join(lines))
+
+
+@dataclass
+class ImageFolder:
+    """The photos of one split, labelled by the folder of their class.
+
+    files: paths of the photos, class by class, sorted within each class.
+    labels: (N,) int64, the index of each photo's class in ``class_names``.
+    """
+    root: Path
+    class_names: list
+    files: list = field(default_factory=list)
+    labels: np.ndarray = None
+
+    def __len__(self):
+        return len(self.files)
+
+    def limit(self, per_class):
+        """The first ``per_class`` photos of each class (for quick runs)."""
+        keep = np.concatenate([np.flatnonzero(self.labels == label)[:per_class]
+                               for label in range(len(self.class_names))])
+        return ImageFolder(self.root, self.class_names, [self.files[i] for i in keep], self.labels[keep])
+
+
+def list_photos(folder):
+    """The photo files under ``folder`` (subfolders too), sorted; hidden files and other
+    extensions are left out."""
+    photos = []
+    for directory, subdirectories, names in os.walk(folder):
+        subdirectories[:] = sorted(d for d in subdirectories if not d.startswith('.'))
+        photos.extend(Path(directory) / name for name in names
+                      if not name.startswith('.') and name.lower().endswith(IMAGE_EXTENSIONS))
+    return sorted(photos)
+
+
+def image_folder(split_dir):
+    """Read one split: every subfolder of ``split_dir`` is a class (sorted names)."""
+    split_dir = Path(split_dir)
+    class_names = sorted(entry.name for entry in split_dir.iterdir()
+                         if entry.is_dir() and not entry.name.startswith('.'))
+    files, labels = [], []
+    for label, name in enumerate(class_names):
+        photos = list_photos(split_dir / name)
+        files.extend(photos)
+        labels.extend([label] * len(photos))
+    return ImageFolder(split_dir, class_names, files, np.asarray(labels, dtype=np.int64))
+
+
+def find_image_folders(data_dir, required=('train', 'validation'), optional=('test',)):
+    """The splits under ``data_dir`` as ``{split: ImageFolder}`` (optional splits only if present).
+
+    Raises DatasetLayoutError, with the expected layout in its message, when the folder or a
+    required split is missing, a split has fewer than two classes or a class without photos,
+    or the splits do not have the same class folders.
+    """
+    data_dir = Path(data_dir)
+
+    def fail(problem, class_names=('cats', 'dogs')):
+        raise DatasetLayoutError(f"{problem}\n\n{expected_layout(data_dir, class_names)}")
+
+    if not data_dir.is_dir():
+        fail(f"{data_dir}: no such folder")
+    folders = {}
+    for split in tuple(required) + tuple(optional):
+        if not (data_dir / split).is_dir():
+            if split in required:
+                fail(f"{data_dir}: no {split}/ folder")
+            continue
+        folder = image_folder(data_dir / split)
+        if len(folder.class_names) < 2:
+            fail(f"{data_dir / split}: needs at least two class folders, found "
+                 f"{folder.class_names or 'none'}")
+        empty = [name for label, name in enumerate(folder.class_names) if not np.any(folder.labels == label)]
+        if empty:
+            fail(f"{data_dir / split}: no photos ({', '.join(IMAGE_EXTENSIONS)}) in class folder(s) "
+                 f"{', '.join(empty)}", folder.class_names)
+        folders[split] = folder
+    first = folders[required[0]]
+    for split, folder in folders.items():
+        if folder.class_names != first.class_names:
+            fail(f"{data_dir}: {split}/ has classes {folder.class_names} but {required[0]}/ has "
+                 f"{first.class_names}", first.class_names)
+    return folders

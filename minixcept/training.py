@@ -1,0 +1,143 @@
+"""A small training loop: shuffled batches, per-epoch metrics, the best epoch kept.
+
+``fit`` trains any minixcept model (a head on bottleneck features, or a deeper
+model being fine-tuned) for classification with one of minixcept's losses:
+
+    for each epoch:
+        for each shuffled batch:   logits = model.forward(x, training=True)
+                                   loss.forward(logits, y);  model.backward(loss.backward())
+                                   optimizer.apply_gradients(model.layers)
+        evaluate on the validation data (training=False: dropout off, BN moving statistics)
+    restore the weights of the epoch with the lowest validation loss
+
+The training loss and accuracy of an epoch are averaged over its batches as they
+were computed, with dropout active, as Keras reports them; the validation figures
+come from a separate pass in inference mode.
+"""
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import backend
+from .layers.base import no_grad
+
+
+@dataclass
+class History:
+    """What ``fit`` measured.
+
+    epochs: one dict per epoch: epoch (from 1), loss, accuracy, and, with validation data,
+    val_loss and val_accuracy, plus seconds. best_epoch: the epoch (from 1) with the lowest
+    validation loss (the last one without validation data), whose weights the model holds
+    after ``fit`` when ``restore_best_weights`` is on.
+    """
+    epochs: list = field(default_factory=list)
+    best_epoch: int = None
+
+    def metric(self, name):
+        """One metric over the epochs, e.g. ``history.metric('val_loss')``."""
+        return [epoch[name] for epoch in self.epochs]
+
+    @property
+    def best(self):
+        return self.epochs[self.best_epoch - 1]
+
+
+def predicted_classes(outputs, loss):
+    """Class indices (N,) from a model's outputs.
+
+    outputs: (N, 1) or (N,) for a binary problem (a logit, or a probability when the loss
+    is not from logits), (N, K) for K classes (logits or probabilities: the argmax is the same).
+    """
+    xp = backend.get_array_module(outputs)
+    if outputs.ndim == 1 or outputs.shape[-1] == 1:
+        threshold = 0.0 if getattr(loss, 'from_logits', False) else 0.5
+        return (outputs.reshape(-1) > threshold).astype(xp.int64)
+    return outputs.argmax(axis=-1)
+
+
+def _batch(x, y, indices):
+    """One batch moved to the current backend: x as float32, y as given."""
+    return backend.to_device(x[indices], np.float32), backend.to_device(y[indices])
+
+
+def evaluate(model, x, y, loss, batch_size=256):
+    """Mean loss and accuracy of ``model`` on (x, y) in inference mode: ``{'loss', 'accuracy'}``.
+
+    x: (N, ...) inputs; y: (N,) class indices.
+    """
+    total_loss, correct = 0.0, 0
+    with no_grad():
+        for start in range(0, len(x), batch_size):
+            indices = np.arange(start, min(start + batch_size, len(x)))
+            xb, yb = _batch(x, y, indices)
+            outputs = model.forward(xb, training=False)
+            total_loss += float(loss.forward(outputs, yb)) * len(indices)     # loss is a batch mean
+            correct += int((predicted_classes(outputs, loss) == yb.reshape(-1)).sum())
+    return {'loss': total_loss / len(x), 'accuracy': correct / len(x)}
+
+
+def _snapshot(model):
+    return [[np.array(w, copy=True) for w in layer.get_weights()] for layer in model.layers]
+
+
+def _restore(model, snapshot):
+    for layer, weights in zip(model.layers, snapshot):
+        if weights:
+            layer.set_weights(weights)
+
+
+def fit(model, x, y, loss, optimizer, epochs, batch_size=32, validation_data=None, seed=0,
+        restore_best_weights=True, stop_at=None, log=print):
+    """Train ``model`` on (x, y); returns a History.
+
+    x: (N, ...) inputs (an array, or anything indexable by an integer array); y: (N,) class
+    indices. loss: a minixcept loss (BinaryCrossentropy for one output, SparseCategorical-
+    Crossentropy for K). optimizer: SGD or Adam. validation_data: (x_val, y_val) or None.
+    seed: the order of the batches, shuffled afresh each epoch; the same seed gives the same run.
+    stop_at: passed to ``model.backward`` (the last layer to train, when earlier ones are frozen).
+    log: called with one line per epoch (None for silence).
+    """
+    order_rng = np.random.default_rng(seed)
+    history, best_snapshot, best_loss = History(), None, np.inf
+    for epoch in range(1, epochs + 1):
+        started = time.monotonic()
+        total_loss, correct = 0.0, 0
+        for batch_indices in np.array_split(order_rng.permutation(len(x)), max(1, -(-len(x) // batch_size))):
+            xb, yb = _batch(x, y, batch_indices)
+            outputs = model.forward(xb, training=True)
+            total_loss += float(loss.forward(outputs, yb)) * len(batch_indices)
+            correct += int((predicted_classes(outputs, loss) == yb.reshape(-1)).sum())
+            model.backward(loss.backward(), stop_at=stop_at)
+            optimizer.apply_gradients(model.layers)
+        record = {'epoch': epoch, 'loss': total_loss / len(x), 'accuracy': correct / len(x)}
+        if validation_data is not None:
+            scores = evaluate(model, *validation_data, loss)
+            record.update(val_loss=scores['loss'], val_accuracy=scores['accuracy'])
+        record['seconds'] = time.monotonic() - started
+        history.epochs.append(record)
+
+        improved = validation_data is not None and record['val_loss'] < best_loss
+        if improved:
+            best_loss, history.best_epoch = record['val_loss'], epoch
+            if restore_best_weights:
+                best_snapshot = _snapshot(model)
+        elif validation_data is None:
+            history.best_epoch = epoch              # nothing to choose by: the last epoch
+        if log is not None:
+            log(_epoch_line(record, epochs, improved))
+    if history.best_epoch is None:                  # validation loss never a number (NaN)
+        history.best_epoch = epochs
+    if restore_best_weights and best_snapshot is not None:
+        _restore(model, best_snapshot)
+    return history
+
+
+def _epoch_line(record, epochs, best_so_far):
+    line = (f"epoch {record['epoch']:>{len(str(epochs))}}/{epochs}  "
+            f"loss {record['loss']:.4f}  accuracy {record['accuracy']:.4f}")
+    if 'val_loss' in record:
+        line += f"  val_loss {record['val_loss']:.4f}  val_accuracy {record['val_accuracy']:.4f}"
+    line += f"  ({record['seconds']:.1f}s)"
+    return line + ('  *' if best_so_far else '')
