@@ -81,12 +81,15 @@ def load_image(path, target_size=None, interpolation='bilinear'):
        default is 'bilinear', what Keras's ``image_dataset_from_directory`` uses.
 
     EXIF orientation is not applied, as in Keras. Raises ImageDecodeError naming the file
-    when it is empty or cannot be decoded.
+    when it cannot be read, is empty or cannot be decoded.
     """
     if interpolation not in INTERPOLATIONS:
         raise ValueError(f"unknown interpolation {interpolation!r}: choose one of {sorted(INTERPOLATIONS)}")
-    with open(path, 'rb') as f:
-        data = f.read()
+    try:
+        with open(path, 'rb') as f:
+            data = f.read()
+    except OSError as error:
+        raise ImageDecodeError(path, f'cannot be read ({error.strerror or error})') from error
     if not data:
         raise ImageDecodeError(path, 'empty file')
     try:
