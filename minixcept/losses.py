@@ -4,8 +4,15 @@ Each loss object remembers what its ``forward`` saw, so ``backward()`` needs no
 argument and returns d(loss)/d(pred) with the batch mean already folded in.
 """
 from .backend import get_array_module
+from .layers.activation import sigmoid_forward
 
 EPSILON = 1e-7          # Keras's backend epsilon, used to clip probabilities
+
+
+def _inside_clip(pred):
+    """Where clipping to [EPSILON, 1 - EPSILON] passes the gradient: everywhere but strictly
+    outside. As in TensorFlow's clip_by_value, a value exactly on a boundary keeps its gradient."""
+    return (pred >= EPSILON) & (pred <= 1 - EPSILON)
 
 
 class BinaryCrossentropy:
@@ -14,8 +21,8 @@ class BinaryCrossentropy:
     pred: (N, 1) or (N,) probabilities, or logits when from_logits=True; y: 0/1 of the same size.
 
     from logits z (stable form):  loss = max(z, 0) - z * y + log(1 + exp(-|z|)),  dloss/dz = sigmoid(z) - y
-    from probabilities p, as Keras clips them to [eps, 1 - eps]:
-        loss = -(y * log(p + eps) + (1 - y) * log(1 - p + eps))
+    from probabilities p, as Keras 3 clips them to [eps, 1 - eps]:
+        loss = -(y * log(p) + (1 - y) * log(1 - p)),  dloss/dp = (1 - y) / (1 - p) - y / p
     """
 
     def __init__(self, from_logits=False):
@@ -29,7 +36,7 @@ class BinaryCrossentropy:
             per_example = xp.maximum(pred, 0) - pred * y + xp.log1p(xp.exp(-xp.abs(pred)))
         else:
             p = xp.clip(pred, EPSILON, 1 - EPSILON)
-            per_example = -(y * xp.log(p + EPSILON) + (1 - y) * xp.log(1 - p + EPSILON))
+            per_example = -(y * xp.log(p) + (1 - y) * xp.log(1 - p))
         self._saved = (pred, y)
         return per_example.mean()
 
@@ -38,11 +45,13 @@ class BinaryCrossentropy:
         xp = get_array_module(pred)
         n = pred.size
         if self.from_logits:
-            sigmoid = 1 / (1 + xp.exp(-pred))
-            return (sigmoid - y) / n
+            # sigmoid(z) - y, but for z >= 0 written as (1 - y) - sigmoid(-z): sigmoid(z) rounds
+            # to 1 there, and the gradient of a confident, right example would round to 0
+            sigmoid_z, sigmoid_minus_z = sigmoid_forward(pred)[0], sigmoid_forward(-pred)[0]
+            return xp.where(pred >= 0, (1 - y) - sigmoid_minus_z, sigmoid_z - y) / n
         p = xp.clip(pred, EPSILON, 1 - EPSILON)
-        inside = (pred > EPSILON) & (pred < 1 - EPSILON)          # the clip passes no gradient outside
-        return (-(y / (p + EPSILON)) + (1 - y) / (1 - p + EPSILON)) * inside / n
+        inside = _inside_clip(pred)
+        return ((1 - y) / (1 - p) - y / p) * inside / n
 
 
 class SparseCategoricalCrossentropy:
@@ -82,7 +91,7 @@ class SparseCategoricalCrossentropy:
             grad[rows, y] -= 1
             return grad / n
         p = xp.clip(pred, EPSILON, 1 - EPSILON)
-        inside = (pred > EPSILON) & (pred < 1 - EPSILON)
+        inside = _inside_clip(pred)
         grad = xp.broadcast_to(1 / p.sum(axis=-1, keepdims=True), p.shape).copy()
         grad[rows, y] -= 1 / p[rows, y]
         return grad * inside / n
