@@ -146,18 +146,20 @@ def _write_atomically(target, write):
 # -- progress ----------------------------------------------------------------------------------
 
 class Progress:
-    """A progress line on ``stream``: photos done / total, photos per second, time left.
+    """A progress line on ``stream`` (default: standard error): photos done / total, photos
+    per second, time left.
 
     On a terminal the line is rewritten in place after every batch; in a log file a new line
     is written every ``every`` batches and at the end. The rate counts only photos computed
     in this run (not those an interrupted run had already done).
     """
 
-    def __init__(self, total, label='', stream=sys.stderr, every=10, done=0):
-        self.total, self.label, self.stream, self.every = total, label, stream, every
+    def __init__(self, total, label='', stream=None, every=10, done=0):
+        self.total, self.label, self.every = total, label, every
+        self.stream = stream if stream is not None else sys.stderr
         self.first_done, self.batches = done, 0
         self.start = time.monotonic()
-        self.in_place = stream is not None and hasattr(stream, 'isatty') and stream.isatty()
+        self.in_place = hasattr(self.stream, 'isatty') and self.stream.isatty()
 
     def line(self, done):
         elapsed = time.monotonic() - self.start
@@ -168,8 +170,6 @@ class Progress:
 
     def update(self, done):
         self.batches += 1
-        if self.stream is None:
-            return
         if self.in_place:
             self.stream.write('\r' + self.line(done) + '\033[K')
         elif self.batches % self.every == 0 or done >= self.total:
@@ -177,7 +177,7 @@ class Progress:
         self.stream.flush()
 
     def close(self):
-        if self.stream is not None and self.in_place and self.batches:
+        if self.in_place and self.batches:
             self.stream.write('\n')
             self.stream.flush()
 
@@ -313,13 +313,14 @@ def _write_cache(cache_file, key, features, image_size, root):
 # -- extraction ----------------------------------------------------------------------------------
 
 def extract_features(model, folder, batch_size=32, cache_file=None, key=None, interpolation='bilinear',
-                     label='', progress_stream=sys.stderr, on_batch=None, log=_warn):
+                     label='', show_progress=True, on_batch=None, log=_warn):
     """Bottleneck features of every photo in ``folder`` (an ImageFolder), through ``model``.
 
     model: Xception(include_top=False, pooling='avg') or any model whose input is
     (N, s, s, 3) preprocessed photos; photos are resized to its input size.
     cache_file, key: where to cache and the ``cache_key`` of this extraction (both or neither).
     A complete cache for the key is read back; an interrupted one is resumed.
+    show_progress: a progress line on standard error (see Progress).
     on_batch(done, total): called after each batch is safely stored.
     Photos that fail to decode are skipped with a warning through ``log`` and listed in
     ``Features.skipped``. Returns Features.
@@ -344,7 +345,7 @@ def extract_features(model, folder, batch_size=32, cache_file=None, key=None, in
 
     total = len(folder)
     first = chunks[-1].end if chunks else 0
-    progress = Progress(total, label, progress_stream, done=first)
+    progress = Progress(total, label, done=first) if show_progress else None
     started = time.monotonic()
     try:
         for begin in range(first, total, batch_size):
@@ -358,11 +359,13 @@ def extract_features(model, folder, batch_size=32, cache_file=None, key=None, in
             if partial is not None:
                 partial.save(chunk)
             chunks.append(chunk)
-            progress.update(end)
+            if progress is not None:
+                progress.update(end)
             if on_batch is not None:
                 on_batch(end, total)
     finally:
-        progress.close()
+        if progress is not None:
+            progress.close()
     seconds = time.monotonic() - started
 
     dimension = model.output_shape()[-1]
