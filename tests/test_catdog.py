@@ -62,6 +62,10 @@ def random_base():
     return minixcept.Xception(include_top=False, pooling='avg', input_shape=(SIZE, SIZE, 3))
 
 
+def without_seconds(history):
+    return [{name: value for name, value in epoch.items() if name != 'seconds'} for epoch in history]
+
+
 def run_example(module, argv, capsys):
     """main(argv) of an example: (exit code, stdout, stderr)."""
     code = module.main([str(a) for a in argv])
@@ -102,8 +106,7 @@ def test_recipe_end_to_end_with_real_weights_then_from_the_cache(bottleneck_exam
     assert again['cache'] == {'train': 'hit', 'validation': 'hit'} and again['cache_hits'] == 2
     assert again['photos_computed'] == 0 and again['images_per_second'] is None
     assert 'read from the cache' in stderr
-    without_time = lambda history: [{k: v for k, v in epoch.items() if k != 'seconds'} for epoch in history]  # noqa: E731
-    assert without_time(again['history']) == without_time(report['history'])
+    assert without_seconds(again['history']) == without_seconds(report['history'])
 
     # The saved head, reloaded by catdog_predict, classifies as the trained one did.
     predict = load_example('catdog_predict')
