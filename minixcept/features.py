@@ -28,6 +28,7 @@ import shutil
 import sys
 import tempfile
 import time
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -243,7 +244,7 @@ class _PartialExtraction:
                 return _Chunk(int(stored['begin']), int(stored['end']), stored['features'],
                               stored['loaded'], list(zip(stored['failed_paths'].tolist(),
                                                          stored['failed_reasons'].tolist())))
-        except (OSError, ValueError, KeyError):
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
             return None
 
     def save(self, chunk):
