@@ -1,0 +1,326 @@
+"""Cats vs dogs, second stage: fine-tune Xception's last block together with the trained head.
+
+The last recipe of "Building powerful image classification models using very little
+data" (F. Chollet, the Keras blog, 2016), with Xception in place of VGG16. It starts where
+``catdog_bottleneck.py`` stopped, with a head trained on frozen bottleneck features:
+
+1. load      the train and validation photos, resized as Keras's ``load_img`` does;
+2. build     Xception with the ImageNet weights and, on top, the head that
+             catdog_bottleneck.py saved (``--head``);
+3. freeze    every layer before the first layer of ``--train-from`` (block14 by default;
+             block1 trains everything): frozen layers keep their weights, and their
+             batch-norm runs on its moving statistics, as Keras's ``trainable = False``;
+4. cache     the frozen part's output for every validation photo (and, with
+             ``--no-augment``, every training photo): it never changes;
+5. train     with a small learning rate (SGD 1e-4, momentum 0.9, as the write-up), each
+             training photo randomly flipped, turned, sheared, zoomed and shifted
+             (minixcept.augment); the frozen part runs under no_grad, the backward pass stops
+             at the first trainable layer; the epoch with the lowest validation loss is kept;
+6. save      the fine-tuned base (HDF5, the layout ``Xception(weights=PATH)`` reads) and head;
+7. check     reload both files into a fresh model and measure the validation accuracy again;
+8. report    a JSON report (before and after) and a PNG of the training curves.
+
+    python examples/catdog_finetune.py [--head runs/catdog/head.h5] [--train-from block14]
+        [--augment | --no-augment] [--optimizer sgd|adam] [--learning-rate 1e-4] [--epochs N]
+        [--data DIR] [--image-size N] [--batch-size N] [--backend numpy|cupy] [--weights PATH]
+        [--seed N] [--limit N] [--out DIR] [--report FILE.json] [--show-augmentations]
+
+``--show-augmentations`` only writes OUT/augmentations.png (4 photos, each with 6 random
+augmentations) to look at what the network is fed, and stops.
+
+On the CPU the frozen part dominates: at 299 px a photo costs about a quarter of a
+second through it, the last block a few hundredths. Without augmentation its output is
+computed once per photo and the epochs are quick; with augmentation every epoch pays for
+it again. On a GPU (``--backend cupy``) the whole network can train (``--train-from block1``).
+"""
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))    # run from a fresh clone without installing
+sys.path.insert(0, str(HERE))
+
+import numpy as np  # noqa: E402
+
+import minixcept  # noqa: E402
+from catdog_bottleneck import DEFAULT_OUT as BOTTLENECK_OUT  # noqa: E402
+from catdog_bottleneck import build_base, get_weights, head_loss, load_photos  # noqa: E402
+from catdog_predict import load_head  # noqa: E402
+from minixcept import optimizers  # noqa: E402
+from minixcept.augment import AugmentSettings, save_augmentation_grid  # noqa: E402
+from minixcept.backend import BackendError  # noqa: E402
+from minixcept.errors import WeightsError  # noqa: E402
+from minixcept.finetune import FineTuneModel, FrozenFeatureFeed, cache_frozen_features  # noqa: E402
+from minixcept.images import DatasetLayoutError, load_batch, preprocess_input  # noqa: E402
+from minixcept.plot import plot_history  # noqa: E402
+from minixcept.training import evaluate, fit, predicted_classes  # noqa: E402
+
+DEFAULT_OUT = BOTTLENECK_OUT / 'finetune'
+AUGMENTATION = AugmentSettings()       # rotation 20 degrees, shifts 0.2, shear 0.2, zoom 0.2, flips
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        description="Fine-tune Xception's top block(s) and the bottleneck head on cats and dogs.")
+    parser.add_argument('--head', type=Path, default=BOTTLENECK_OUT / 'head.h5',
+                        help='the head catdog_bottleneck.py saved (head.json beside it)')
+    parser.add_argument('--train-from', default='block14',
+                        help='first block to train; every layer before it is frozen (block1: train all)')
+    parser.add_argument('--augment', action=argparse.BooleanOptionalAction, default=True,
+                        help='random flips, turns, shears, zooms and shifts of the training photos')
+    parser.add_argument('--show-augmentations', action='store_true',
+                        help='only write OUT/augmentations.png (4 photos x 6 augmentations) and stop')
+    parser.add_argument('--optimizer', choices=('sgd', 'adam'), default='sgd',
+                        help='SGD with momentum 0.9 (the write-up) or Adam')
+    parser.add_argument('--learning-rate', type=float, default=1e-4)
+    parser.add_argument('--epochs', type=int, default=5)
+    parser.add_argument('--data', type=Path, default=None,
+                        help='folder with train/ and validation/, one subfolder per class '
+                             '(default: the shared catdog photos beside the repository)')
+    parser.add_argument('--image-size', type=int, default=None,
+                        help='side of the square model input (default: the size the head was trained at)')
+    parser.add_argument('--batch-size', type=int, default=16, help='photos per training step')
+    parser.add_argument('--backend', choices=('numpy', 'cupy'), default='numpy')
+    parser.add_argument('--weights', default=None,
+                        help='Xception notop weights the head was trained on (default: fetched into weights/)')
+    parser.add_argument('--seed', type=int, default=0, help='batch order, augmentations and dropout')
+    parser.add_argument('--limit', type=int, default=None, help='use only the first N photos per class per split')
+    parser.add_argument('--out', type=Path, default=DEFAULT_OUT,
+                        help='folder for the fine-tuned weights, the report and the curves')
+    parser.add_argument('--report', type=Path, default=None, help='JSON report (default: OUT/report.json)')
+    args = parser.parse_args(argv)
+    if args.data is None:
+        from catdog_bottleneck import DEFAULT_DATA
+        args.data = DEFAULT_DATA if DEFAULT_DATA.is_dir() else None
+    args.report = args.report or args.out / 'report.json'
+    return args
+
+
+def log(line):
+    print(line, flush=True)
+
+
+# -- 1. load -------------------------------------------------------------------------------------
+
+def load_pixels(folder, image_size):
+    """All photos of a split as uint8 (N, s, s, 3) and their labels (N,); undecodable ones left out."""
+    started = time.monotonic()
+    pixels, loaded, failures = load_batch(folder.files, image_size)
+    for path, reason in failures:
+        print(f'skipped {path}: {reason}', file=sys.stderr)
+    log(f'{folder.root.name}: {len(pixels):,} photos loaded at {image_size} px '
+        f'in {time.monotonic() - started:.1f} s')
+    return pixels, folder.labels[loaded]
+
+
+# -- 2. build, 3. freeze -------------------------------------------------------------------------
+
+def build_network(weights, head, image_size, train_from, seed):
+    """Xception with ``weights`` + the trained head, frozen before the first layer of ``train_from``."""
+    base = build_base(weights, image_size, seed)
+    network = FineTuneModel(base, head, train_from)
+    frozen = sum(not layer.trainable for layer in base.layers)
+    log(f'training from {network.first_trainable!r}: {frozen} of {len(base.layers)} base layers frozen, '
+        f'{network.count_trainable_params():,} weights to train '
+        f'(input: the output of {network.frozen_output or "nothing: the images"})')
+    return network
+
+
+# -- 4. cache, 5. train ----------------------------------------------------------------------------
+
+class ProgressFeed:
+    """Wraps a training input so that every ``every`` batches a line says how far the epoch got."""
+
+    def __init__(self, x, every=10):
+        self.x, self.every = x, every
+        self.served = self.batches = 0
+        self.started = None
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, indices):
+        if self.started is None:
+            self.started = time.monotonic()
+        rows = self.x[indices]
+        self.served += len(indices)
+        self.batches += 1
+        if self.batches % self.every == 0 or self.served >= len(self):
+            seconds = time.monotonic() - self.started
+            log(f'  {self.served:>6,}/{len(self):,} photos  {self.served / max(seconds, 1e-9):.1f} photos/s')
+        if self.served >= len(self):                   # an epoch is over: count afresh
+            self.served = self.batches = 0
+            self.started = None
+        return rows
+
+
+def make_optimizer(name, learning_rate):
+    if name == 'sgd':
+        return optimizers.SGD(learning_rate=learning_rate, momentum=0.9)
+    return optimizers.Adam(learning_rate=learning_rate)
+
+
+def training_input(network, pixels, augment, seed, batch_size):
+    """What fit() trains on: photos augmented and run through the frozen part batch by batch,
+    or, without augmentation, the frozen part's output cached once."""
+    if augment:
+        return FrozenFeatureFeed(network, pixels, rng=np.random.default_rng(seed), settings=AUGMENTATION)
+    log('caching the frozen part for the training photos')
+    return cache_frozen_features(network, pixels, batch_size, log=log)
+
+
+def fine_tune(network, x_train, y_train, x_val, y_val, args, loss):
+    started = time.monotonic()
+    history = fit(network, ProgressFeed(x_train), y_train, loss,
+                  make_optimizer(args.optimizer, args.learning_rate), epochs=args.epochs,
+                  batch_size=args.batch_size, validation_data=(x_val, y_val), seed=args.seed,
+                  stop_at=network.first_trainable, log=log)
+    seconds = time.monotonic() - started
+    log(f'best epoch {history.best_epoch}: val_loss {history.best["val_loss"]:.4f}  '
+        f'val_accuracy {history.best["val_accuracy"]:.4f}  (fine-tuning took {seconds:.1f} s)')
+    return history, seconds
+
+
+# -- 6. save, 7. check -----------------------------------------------------------------------------
+
+def save_finetuned(network, description, out_dir):
+    """xception_finetuned.h5 (the whole base) and head_finetuned.h5 + head_finetuned.json."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    base_file, head_file = out_dir / 'xception_finetuned.h5', out_dir / 'head_finetuned.h5'
+    network.base.save_weights(base_file)
+    network.head.save_weights(head_file)
+    head_file.with_suffix('.json').write_text(json.dumps(
+        dict(description, base_weights=str(base_file), fine_tuned_from=network.train_from), indent=2) + '\n')
+    log(f'saved {base_file} and {head_file}')
+    return base_file, head_file
+
+
+def reload_and_evaluate(base_file, head_file, image_size, val_pixels, y_val, loss, batch_size):
+    """Validation scores of a fresh Xception + head loaded from the saved files, photo to logit,
+    and the logits themselves (N,)."""
+    started = time.monotonic()
+    head, _ = load_head(head_file)
+    base = build_base(base_file, image_size, seed=0)
+    logits = []
+    with minixcept.no_grad():
+        for start in range(0, len(val_pixels), batch_size):
+            images = minixcept.to_device(preprocess_input(val_pixels[start:start + batch_size]), np.float32)
+            logits.append(minixcept.asnumpy(head.forward(base.forward(images), training=False)))
+    logits = np.concatenate(logits)
+    scores = scores_of(logits, y_val, loss)
+    log(f'reloaded from {base_file.name} + {head_file.name}: val_loss {scores["loss"]:.4f}  '
+        f'val_accuracy {scores["accuracy"]:.4f}  ({time.monotonic() - started:.1f} s)')
+    return scores, logits
+
+
+def scores_of(logits, labels, loss):
+    """{'loss', 'accuracy'} of known logits, as training.evaluate reports a model's."""
+    return {'loss': float(loss.forward(logits, labels)),
+            'accuracy': float(np.mean(predicted_classes(logits, loss) == labels))}
+
+
+def network_logits(network, x, batch_size=256):
+    """The fine-tuned network's logits for cached frozen-part outputs x, in inference mode."""
+    with minixcept.no_grad():
+        return np.concatenate([minixcept.asnumpy(network.forward(minixcept.to_device(x[start:start + batch_size]),
+                                                                 training=False))
+                               for start in range(0, len(x), batch_size)])
+
+
+# -- 8. report -------------------------------------------------------------------------------------
+
+def bottleneck_val_accuracy(head_file):
+    """The head's validation accuracy as catdog_bottleneck.py reported it, if its report is there."""
+    report = Path(head_file).parent / 'report.json'
+    return json.loads(report.read_text()).get('val_accuracy') if report.is_file() else None
+
+
+def write_report(args, network, image_size, counts, before, history, after, reloaded, timings, files):
+    report = {
+        'val_accuracy_before': before['accuracy'], 'val_loss_before': before['loss'],
+        'val_accuracy': after['accuracy'], 'val_loss': after['loss'],
+        'reloaded_val_accuracy': reloaded['accuracy'], 'reloaded_val_loss': reloaded['loss'],
+        'reloaded_max_logit_difference': reloaded['max_logit_difference'],
+        'bottleneck_report_val_accuracy': bottleneck_val_accuracy(args.head),
+        'n_train': counts['train'], 'n_val': counts['validation'],
+        'train_from': args.train_from, 'first_trainable_layer': network.first_trainable,
+        'frozen_output': network.frozen_output, 'trainable_params': network.count_trainable_params(),
+        'augment': args.augment, 'augmentation': AUGMENTATION.__dict__ if args.augment else None,
+        'optimizer': (f'SGD(learning_rate={args.learning_rate}, momentum=0.9)' if args.optimizer == 'sgd'
+                      else f'Adam(learning_rate={args.learning_rate})'),
+        'epochs': len(history.epochs), 'best_epoch': history.best_epoch, 'history': history.epochs,
+        'image_size': image_size, 'batch_size': args.batch_size, 'seed': args.seed,
+        'limit_per_class': args.limit, 'backend': minixcept.backend.current(),
+        'seconds': {name: round(value, 1) for name, value in timings.items()},
+        'head': str(args.head), **{name: str(path) for name, path in files.items()},
+    }
+    args.report.parent.mkdir(parents=True, exist_ok=True)
+    args.report.write_text(json.dumps(report, indent=2) + '\n')
+    log(f'report: {args.report}')
+    return report
+
+
+def show_augmentations(args, image_size):
+    """Write OUT/augmentations.png: two cats and two dogs, each with six random augmentations."""
+    train = load_photos(args.data, limit=2)['train']
+    pixels, _ = load_pixels(train, image_size)
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = save_augmentation_grid(args.out / 'augmentations.png', pixels, np.random.default_rng(args.seed),
+                                  per_photo=6, settings=AUGMENTATION)
+    log(f'augmentations: {path}')
+    return 0
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    started = time.monotonic()
+    try:
+        minixcept.use(args.backend)
+        head, description = load_head(args.head)
+        image_size = args.image_size or description['image_size']
+        if args.show_augmentations:
+            return show_augmentations(args, image_size)
+        splits = load_photos(args.data, args.limit)
+        network = build_network(get_weights(args.weights), head, image_size, args.train_from, args.seed)
+    except DatasetLayoutError as error:
+        print(f'error: {error}', file=sys.stderr)
+        return 2
+    except (WeightsError, BackendError, minixcept.ShapeError, ValueError) as error:
+        print(f'error: {error}', file=sys.stderr)
+        return 1
+    loss = head_loss(len(description['class_names']))
+    train_pixels, y_train = load_pixels(splits['train'], image_size)
+    val_pixels, y_val = load_pixels(splits['validation'], image_size)
+
+    timings = {}
+    log('caching the frozen part for the validation photos')
+    x_val = cache_frozen_features(network, val_pixels, args.batch_size, log=log)
+    x_train = training_input(network, train_pixels, args.augment, args.seed, args.batch_size)
+    timings['caching'] = time.monotonic() - started
+    before = evaluate(network, x_val, y_val, loss)
+    log(f'before fine-tuning (the bottleneck head): val_loss {before["loss"]:.4f}  '
+        f'val_accuracy {before["accuracy"]:.4f}')
+
+    history, timings['fine_tuning'] = fine_tune(network, x_train, y_train, x_val, y_val, args, loss)
+    after_logits = network_logits(network, x_val)
+    after = scores_of(after_logits, y_val, loss)
+
+    base_file, head_file = save_finetuned(network, description, args.out)
+    reloaded, reloaded_logits = reload_and_evaluate(base_file, head_file, image_size, val_pixels, y_val, loss,
+                                                    args.batch_size)
+    reloaded['max_logit_difference'] = float(np.abs(reloaded_logits - after_logits).max())
+    curves_file = plot_history(history, args.out / 'curves.png',
+                               title=f'fine-tuning from {args.train_from}'
+                                     f'{" on augmented photos" if args.augment else ""}')
+    timings['total'] = time.monotonic() - started
+    write_report(args, network, image_size, {'train': len(y_train), 'validation': len(y_val)}, before, history,
+                 after, reloaded, timings,
+                 {'base_file': base_file, 'head_file': head_file, 'curves_file': curves_file})
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
