@@ -223,3 +223,6 @@ def find_image_folders(data_dir, required=('train', 'validation'), optional=('te
             fail(f"{data_dir}: {split}/ has classes {folder.class_names} but {required[0]}/ has "
                  f"{first.class_names}", first.class_names)
     return folders
+
+
+from .augment import AugmentSettings, augment, augment_batch, save_augmentation_grid  # noqa: E402,F401  (augmentation is offered here too)
