@@ -225,4 +225,5 @@ def find_image_folders(data_dir, required=('train', 'validation'), optional=('te
     return folders
 
 
-from .augment import AugmentSettings, augment, augment_batch, save_augmentation_grid  # noqa: E402,F401  (augmentation is offered here too)
+# Augmentation lives in its own module; it is offered here too, beside the loading it follows.
+from .augment import AugmentSettings, augment, augment_batch, save_augmentation_grid  # noqa: E402,F401
