@@ -72,7 +72,8 @@ def parse_args(argv=None):
     parser.add_argument('--augment', action=argparse.BooleanOptionalAction, default=True,
                         help='random flips, turns, shears, zooms and shifts of the training photos')
     parser.add_argument('--show-augmentations', action='store_true',
-                        help='only write OUT/augmentations.png (4 photos x 6 augmentations) and stop')
+                        help='only write OUT/augmentations.png (4 photos x 6 augmentations, at 299 px '
+                             'unless --image-size says otherwise) and stop')
     parser.add_argument('--optimizer', choices=('sgd', 'adam'), default='sgd',
                         help='SGD with momentum 0.9 (the write-up) or Adam')
     parser.add_argument('--learning-rate', type=float, default=1e-4)
@@ -279,10 +280,10 @@ def main(argv=None):
     started = time.monotonic()
     try:
         minixcept.use(args.backend)
+        if args.show_augmentations:
+            return show_augmentations(args, args.image_size or 299)
         head, description = load_head(args.head)
         image_size = args.image_size or description['image_size']
-        if args.show_augmentations:
-            return show_augmentations(args, image_size)
         splits = load_photos(args.data, args.limit)
         network = build_network(get_weights(args.weights), head, image_size, args.train_from, args.seed)
     except DatasetLayoutError as error:
