@@ -175,5 +175,8 @@ def cache_frozen_features(network, pixels, batch_size=32, log=None):
         done = min(start + batch_size, len(pixels))
         if log is not None and (done == len(pixels) or (start // batch_size + 1) % 10 == 0):
             log(f'  {done}/{len(pixels)} photos  {done / max(time.monotonic() - started, 1e-9):.1f} photos/s')
-    return np.concatenate(rows) if rows else np.zeros((0,) + network.base.output_shape(network.frozen_output)[1:],
-                                                          np.float32)
+    if not rows:
+        shape = (network.base.input_shape if network.frozen_output is None
+                 else network.base.output_shape(network.frozen_output)[1:])
+        return np.zeros((0,) + tuple(shape), np.float32)
+    return np.concatenate(rows)
