@@ -41,7 +41,8 @@ class LayerCase:
     args: constructor arguments, the same for both libraries.
     input_shape: Keras layout; Add takes two inputs of this shape.
     values: 'normal' (standard normal), 'negative' (every value below -0.5, so a zero pad
-        would win every max it touches), 'ties' (three values only: many equal maxima).
+        would win every max it touches), 'ties' (three values only: many equal maxima),
+        'zeros' (normal, with every third value exactly 0: ReLU's kink).
     """
     layer: str
     args: dict
@@ -97,6 +98,7 @@ LAYER_CASES = {
     'activation': {
         'relu_layer': LayerCase('ReLU', {}, (2, 4, 4, 3)),
         'relu': LayerCase('Activation', dict(activation='relu'), (2, 4, 4, 3)),
+        'relu_at_zero': LayerCase('ReLU', {}, (2, 4, 4, 3), values='zeros'),   # TensorFlow's slope there is 0
         'sigmoid': LayerCase('Activation', dict(activation='sigmoid'), (4, 5)),
         'softmax': LayerCase('Activation', dict(activation='softmax'), (4, 5)),
     },
@@ -220,6 +222,8 @@ def _values(rng, shape, style):
         return -(0.5 + np.abs(rng.standard_normal(shape)))
     if style == 'ties':
         return rng.integers(-2, 1, size=shape) + 0.5
+    if style == 'zeros':
+        return np.where(np.arange(np.prod(shape)).reshape(shape) % 3 == 0, 0.0, rng.standard_normal(shape))
     return rng.standard_normal(shape)
 
 
