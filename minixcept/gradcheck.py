@@ -32,19 +32,19 @@ def numerical_gradient(f, array, dout, eps=1e-6):
     """Central-difference gradient of <f(), dout> with respect to ``array``.
 
     ``f`` takes no argument and reads ``array``, which is perturbed in place one
-    element at a time and restored.
+    element at a time and restored. Indexing ``array`` itself (not a reshaped copy)
+    keeps this right for non-contiguous arrays such as transposed views.
     """
     grad = np.zeros(array.shape, dtype=np.float64)
-    flat = array.reshape(-1)                     # a view: writing it perturbs ``array``
     dout_sum = lambda: float((f() * dout).sum())  # noqa: E731
-    for i in range(flat.size):
-        original = flat[i].item()
-        flat[i] = original + eps
+    for index in np.ndindex(*array.shape):
+        original = array[index].item()
+        array[index] = original + eps
         plus = dout_sum()
-        flat[i] = original - eps
+        array[index] = original - eps
         minus = dout_sum()
-        flat[i] = original
-        grad.reshape(-1)[i] = (plus - minus) / (2 * eps)
+        array[index] = original
+        grad[index] = (plus - minus) / (2 * eps)
     return grad
 
 
