@@ -144,6 +144,15 @@ def test_gradcheck_catches_a_wrong_gradient(xp):
     assert errors['x'] > 1e-3
 
 
+def test_gradcheck_perturbs_non_contiguous_arrays(xp):
+    """A transposed view must be perturbed in place too, not through a reshaped copy."""
+    rng = np.random.default_rng(6)
+    x = xp.asarray(rng.standard_normal((3, 4))).T                 # (4, 3), not C-contiguous
+    dout = xp.asarray(rng.standard_normal(x.shape))
+    errors = gradcheck.check_gradients(lambda: x ** 3, lambda d: {'x': 3 * x ** 2 * d}, {'x': x}, dout)
+    assert errors['x'] < GRADCHECK_TOLERANCE, errors
+
+
 # -- the naive loops as oracles ----------------------------------------------------------
 
 # (kernel size, strides, padding, input shape)
