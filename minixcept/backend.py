@@ -89,9 +89,13 @@ def asnumpy(x):
 
 
 def to_device(x, dtype=None):
-    """``x`` as an array of the current backend, optionally cast to ``dtype``."""
+    """``x`` as an array of the current backend, optionally cast to ``dtype``.
+
+    Works across backends: under 'numpy' a CuPy array is copied back to the host
+    (numpy.asarray refuses CuPy arrays, which never convert implicitly).
+    """
     module = xp()
-    array = module.asarray(x)
+    array = module.asarray(asnumpy(x) if module is numpy else x)
     if dtype is not None and array.dtype != dtype:
         array = array.astype(dtype)
     return array
