@@ -46,6 +46,19 @@ def test_to_device_casts_only_when_asked(xp):
     assert isinstance(as_float32, xp.ndarray) and as_float32.dtype == np.float32
 
 
+def test_to_device_moves_arrays_back_to_numpy(xp):
+    """Weights made on one backend can be set on a layer after switching to NumPy."""
+    on_device = backend.to_device(np.arange(4.0))
+    previous = backend.current()
+    try:
+        backend.use('numpy')
+        on_host = backend.to_device(on_device, np.float32)
+    finally:
+        backend.use(previous)
+    assert type(on_host) is np.ndarray and on_host.dtype == np.float32
+    np.testing.assert_array_equal(on_host, np.arange(4.0))
+
+
 def test_unknown_backend_is_refused_and_nothing_changes():
     previous = backend.current()
     with pytest.raises(ValueError, match="unknown backend 'torch'.*numpy.*cupy"):
