@@ -94,6 +94,8 @@ LAYER_CASES = {
         'inference': LayerCase('BatchNormalization', {}, (2, 4, 4, 3)),
         'training': LayerCase('BatchNormalization', {}, (2, 4, 4, 3), training=True),
         'training_2d': LayerCase('BatchNormalization', {}, (8, 5), training=True),
+        # frozen, as when fine-tuning: Keras runs it in inference mode even when training
+        'frozen_training': LayerCase('BatchNormalization', dict(trainable=False), (2, 4, 4, 3), training=True),
     },
     'activation': {
         'relu_layer': LayerCase('ReLU', {}, (2, 4, 4, 3)),
