@@ -31,8 +31,12 @@ def draw(rng, shape, values='normal'):
     'distinct':   a shuffled grid with gaps of 0.1, so no step of 1e-6 changes which value
                   is a window's maximum (a max is not differentiable at a tie).
     'negative':   'distinct', all below zero: a zero pad would win every border window.
+    'ties':       three values only, so windows often hold several equal maxima (for the
+                  oracle comparisons; central differences are meaningless at a tie).
     """
     size = int(np.prod(shape))
+    if values == 'ties':
+        return rng.integers(-2, 1, size=shape) + 0.5
     if values == 'off_zero':
         normal = rng.standard_normal(shape)
         return np.sign(normal) * (0.1 + np.abs(normal))
@@ -215,10 +219,7 @@ POOLS = [
                          ids=[f'k{k}_s{s}_{p}_{shape[1]}x{shape[2]}_{v}' for k, s, p, shape, v in POOLS])
 def test_max_pool2d_matches_naive_loops(pool_size, stride, padding, shape, values, xp):
     rng = np.random.default_rng(4)
-    if values == 'ties':
-        x = rng.integers(-2, 1, size=shape).astype(np.float64)
-    else:
-        x = draw(rng, shape, values) if values == 'negative' else rng.standard_normal(shape)
+    x = draw(rng, shape, values)
     pool, strides = (pool_size, pool_size), (stride, stride)
     y, cache = max_pool2d_forward(xp.asarray(x), pool, strides, padding)
     y_naive = oracles.max_pool2d_forward(x, pool, strides, padding)
