@@ -107,7 +107,8 @@ def depthwise_conv2d_forward(x, depthwise_kernel, bias, strides, padding):
                     total = 0.0 if bias is None else bias[c]
                     for p in range(kh):
                         for q in range(kw):
-                            total += x_padded[n, i * strides[0] + p, j * strides[1] + q, c] * depthwise_kernel[p, q, c, 0]
+                            row, col = i * strides[0] + p, j * strides[1] + q
+                            total += x_padded[n, row, col, c] * depthwise_kernel[p, q, c, 0]
                     y[n, i, j, c] = total
     return y
 

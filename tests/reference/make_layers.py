@@ -377,7 +377,8 @@ def run_loss(loss_case, inputs):
     'losses' and 'dpreds' (the gradient of the summed losses: each row sees only its own)."""
     import keras
     import tensorflow as tf
-    loss_class = keras.losses.BinaryCrossentropy if loss_case.kind == 'binary' else keras.losses.SparseCategoricalCrossentropy
+    loss_class = (keras.losses.BinaryCrossentropy if loss_case.kind == 'binary'
+                  else keras.losses.SparseCategoricalCrossentropy)
     pred = tf.constant(inputs['pred'])
     outputs = {}
     for reduction, loss_name, grad_name in (('sum_over_batch_size', 'loss', 'dpred'), ('none', 'losses', 'dpreds')):
