@@ -12,6 +12,7 @@ import numpy as np
 
 from . import backend
 from .errors import ShapeError
+from .fast import InferenceEngine
 from .layers.base import no_grad
 
 
@@ -127,13 +128,20 @@ class Model:
                 return input_grads[0]
         return pending[start]
 
-    def predict(self, x, batch_size=32):
-        """Inference in batches, keeping no caches; returns a NumPy array."""
+    def predict(self, x, batch_size=32, fast=True):
+        """Inference in batches, keeping no caches; returns a NumPy array.
+
+        fast: run the inference engine of ``minixcept.fast`` (batch-norm folded into the
+        convolutions, ReLU fused, work in cache-sized tiles), which agrees with the layers
+        to float32 rounding and is several times quicker on the CPU. ``fast=False`` runs the
+        plain layers one by one, as ``forward`` does.
+        """
+        run = InferenceEngine(self) if fast else (lambda batch: self.forward(batch, training=False))
         outputs = []
         with no_grad():
             for start in range(0, len(x), batch_size):
                 batch = backend.to_device(x[start:start + batch_size], np.float32)
-                outputs.append(backend.asnumpy(self.forward(batch, training=False)))
+                outputs.append(backend.asnumpy(run(batch)))
         return np.concatenate(outputs)
 
     # -- weights ---------------------------------------------------------------
