@@ -60,7 +60,8 @@ def depthwise_conv2d_backward(dy, cache):
     ddepthwise_kernel = xp.empty_like(depthwise_kernel)
     for p in range(kh):
         for q in range(kw):
-            ddepthwise_kernel[p, q, :, 0] = (window(x_pad, p, q, out_hw, strides) * dy).sum(axis=(0, 1, 2))
+            # per channel, the sum over n, i, j of x * dy, without a product array the size of dy
+            ddepthwise_kernel[p, q, :, 0] = xp.einsum('nijc,nijc->c', window(x_pad, p, q, out_hw, strides), dy)
             window(dx_pad, p, q, out_hw, strides)[...] += dy * depthwise_kernel[p, q, :, 0]
     dbias = dy.sum(axis=(0, 1, 2))
     return crop_spatial(dx_pad, pads), ddepthwise_kernel, dbias
