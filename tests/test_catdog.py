@@ -186,6 +186,31 @@ def test_bad_photos_are_skipped_counted_and_listed(bottleneck_example, catdog, t
     assert 'notes.txt' not in stderr + json.dumps(report)
 
 
+def test_more_than_two_classes_and_a_test_split(bottleneck_example, catdog, tmp_path, capsys):
+    photos = sorted((catdog / 'train' / 'dogs').glob('*.jpg'))[:6]
+    data = tmp_path / 'data'
+    for split in ('train', 'validation', 'test'):
+        for label, name in enumerate(('ants', 'bees', 'wasps')):
+            (data / split / name).mkdir(parents=True)
+            for photo in photos[2 * label: 2 * label + 2]:
+                shutil.copy(photo, data / split / name / photo.name)
+    out = tmp_path / 'out'
+    code, _, stderr = run_example(bottleneck_example, ['--data', data, '--weights', 'random', '--image-size', SIZE,
+                                                       '--epochs', 2, '--out', out], capsys)
+    assert code == 0, stderr
+    report = json.loads((out / 'report.json').read_text())
+    assert report['class_names'] == ['ants', 'bees', 'wasps']
+    assert (report['n_train'], report['n_val'], report['n_test']) == (6, 6, 6)
+    assert report['test_accuracy'] is not None and 0 <= report['test_accuracy'] <= 1
+    assert set(report['cache']) == {'train', 'validation', 'test'}
+    head, description = load_example('catdog_predict').load_head(out / 'head.h5')
+    assert head.layers[-1].units == 3 and description['class_names'] == report['class_names']
+    with h5py.File(out / 'cache' / 'test.h5', 'r') as cache:
+        probabilities = bottleneck_example.class_probabilities(head, cache['features'][()])
+    assert probabilities.shape == (6, 3)
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1, rtol=1e-6)
+
+
 # -- the feature cache -------------------------------------------------------------------------
 
 def interrupt_after(batches):
