@@ -94,13 +94,16 @@ class FineTuneModel:
     outputs cached once per photo and on outputs computed afresh from augmented photos.
     With nothing frozen (``train_from='block1'``) the input is the images themselves.
     It has the ``forward``, ``backward`` and ``layers`` that ``training.fit`` uses.
+    fast: compute the frozen part with the fast inference engine (see ``frozen_features``).
     """
 
-    def __init__(self, base, head, train_from='block14'):
+    def __init__(self, base, head, train_from='block14', fast=True):
         self.base, self.head = base, head
         self.train_from = train_from
         self.first_trainable = freeze_before(base, train_from)
         self.frozen_output = frozen_output_name(base, self.first_trainable)
+        self.fast = fast
+        self._engine = None
 
     @property
     def layers(self):
@@ -117,11 +120,23 @@ class FineTuneModel:
 
     def frozen_features(self, images):
         """The frozen part's output for images (N, H, W, 3), computed under no_grad in inference
-        mode; the images themselves when nothing is frozen."""
+        mode; the images themselves when nothing is frozen.
+
+        With ``fast`` (the default) it comes from ``minixcept.fast.InferenceEngine``, which agrees
+        with the layers to float32 rounding and is quicker on the CPU. The engine copies the
+        weights it folds when first used, which is safe here because frozen weights never change;
+        set the base's weights before the first call.
+        """
         if self.frozen_output is None:
             return images
-        with no_grad():
-            return self.base.forward(images, training=False, stop_after=self.frozen_output)
+        if not self.fast:
+            with no_grad():
+                return self.base.forward(images, training=False, stop_after=self.frozen_output)
+        if self._engine is None:
+            from .fast import InferenceEngine
+            self._engine = InferenceEngine(self.base)
+        _, captured = self._engine(images, capture=[self.frozen_output])
+        return captured[self.frozen_output].copy()        # the engine may reuse its buffers
 
     def forward(self, x, training=False):
         """Logits (N, 1) from the frozen part's output x. ``training=True``: dropout on, trainable
