@@ -89,6 +89,11 @@ class Layer:
         for name, value in zip(self.weight_names, weights):
             self._new_param(name, value)
 
+    def named(self, *gradients):
+        """Gradients in Keras order -> {weight name: gradient}; a trailing bias gradient is
+        dropped when the layer has no bias (its weight_names then end before it)."""
+        return dict(zip(self.weight_names, gradients))
+
     def count_params(self):
         return int(sum(int(np.prod(p.shape)) for p in self.params.values()))
 

@@ -56,10 +56,7 @@ class Dense(Layer):
         dense_cache, activation_cache = cache
         dz = self._activation_backward(dy, activation_cache)
         dx, dkernel, dbias = dense_backward(dz, dense_cache)
-        grads = {'kernel': dkernel}
-        if self.use_bias:
-            grads['bias'] = dbias
-        return dx, grads
+        return dx, self.named(dkernel, dbias)
 
     def compute_output_shape(self, input_shape):
         return tuple(input_shape[:-1]) + (self.units,)

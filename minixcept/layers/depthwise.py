@@ -93,10 +93,7 @@ class DepthwiseConv2D(Layer):
 
     def _backward(self, dy, cache):
         dx, dkernel, dbias = depthwise_conv2d_backward(dy, cache)
-        grads = {'depthwise_kernel': dkernel}
-        if self.use_bias:
-            grads['bias'] = dbias
-        return dx, grads
+        return dx, self.named(dkernel, dbias)
 
     def compute_output_shape(self, input_shape):
         (h, w), _ = window_geometry(input_shape[1:3], self.kernel_size, self.strides, self.padding)

@@ -60,10 +60,7 @@ class PointwiseConv2D(Layer):
 
     def _backward(self, dy, cache):
         dx, dkernel, dbias = pointwise_conv2d_backward(dy, cache)
-        grads = {'pointwise_kernel': dkernel}
-        if self.use_bias:
-            grads['bias'] = dbias
-        return dx, grads
+        return dx, self.named(dkernel, dbias)
 
     def compute_output_shape(self, input_shape):
         return tuple(input_shape[:3]) + (self.filters,)

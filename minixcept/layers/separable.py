@@ -61,10 +61,7 @@ class SeparableConv2D(Layer):
 
     def _backward(self, dy, cache):
         dx, ddepthwise, dpointwise, dbias = separable_conv2d_backward(dy, cache)
-        grads = {'depthwise_kernel': ddepthwise, 'pointwise_kernel': dpointwise}
-        if self.use_bias:
-            grads['bias'] = dbias
-        return dx, grads
+        return dx, self.named(ddepthwise, dpointwise, dbias)
 
     def compute_output_shape(self, input_shape):
         (h, w), _ = window_geometry(input_shape[1:3], self.kernel_size, self.strides, self.padding)
