@@ -33,6 +33,8 @@ list of *steps*:
   takes them back when no step reads them any more: fresh memory costs a page
   fault per page on first write, which for the entry flow's tensors costs about
   as much as the arithmetic on them.
+- **One thread per core, each on its share of the batch**, with the BLAS library
+  held to one thread (see ``InferenceEngine``).
 
 Everything else (global pooling, the classifier head) runs through the layer's
 own ``forward``. The engine copies the weights it folds when it is built: build
@@ -44,7 +46,10 @@ is given.
     y, acts = engine(x, capture=['block3_pool'])   # outputs of named layers, as model.forward
     print(engine.describe())                       # which layers each step runs
 """
+import contextlib
 import math
+import os
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -53,6 +58,11 @@ from .layers import (Activation, Add, BatchNormalization, Conv2D, DepthwiseConv2
                      PointwiseConv2D, SeparableConv2D)
 from .layers.base import no_grad
 from .padding import window, window_geometry
+
+try:
+    from threadpoolctl import ThreadpoolController
+except ImportError:                           # optional: without it the engine runs on one thread
+    ThreadpoolController = None
 
 # Work is split twice. A *block* is what one matrix product multiplies: a few MB of rows,
 # enough that the BLAS threads share out plenty of work per call (small calls spend their
@@ -547,16 +557,48 @@ def plan(model, keep=()):
 
 # -- the engine -----------------------------------------------------------------------------------
 
+def _usable_cores():
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:                    # not Linux
+        return os.cpu_count() or 1
+
+
+_blas_controller = None
+
+
+def single_threaded_blas():
+    """A context manager in which NumPy's BLAS runs on one thread (via threadpoolctl), or
+    None when threadpoolctl is not installed. The limit is process-wide while it lasts."""
+    global _blas_controller
+    if ThreadpoolController is None:
+        return None
+    if _blas_controller is None:
+        _blas_controller = ThreadpoolController()
+    return _blas_controller.limit(limits=1, user_api='blas')
+
+
 class InferenceEngine:
     """A model's inference forward pass, planned into fused steps (see the module docstring).
 
-    model: a built ``Model``. The matrix products use the BLAS library's threads; everything
-    else runs on the calling thread.
+    model: a built ``Model``. threads: how many threads share a NumPy batch. Each takes a
+    contiguous share of the images and runs every step on it with its own buffers, while
+    the BLAS library is held to one thread: on a few cores that beats one thread driving
+    a multi-threaded BLAS, because the element-wise work (NumPy runs it on the calling
+    thread) then overlaps with matrix products instead of leaving cores idle, and no matrix
+    product waits for a core that another process has taken. Default: one per usable core
+    when threadpoolctl is installed (it is what holds BLAS to one thread), else 1, which
+    runs the batch on the calling thread with BLAS's own threads. A batch of one image, or
+    GPU arrays, always run on the calling thread.
     """
 
-    def __init__(self, model):
+    def __init__(self, model, threads=None):
         self.model = model
-        self.buffers = BufferPool()
+        if threads is None:
+            threads = _usable_cores() if ThreadpoolController is not None else 1
+        self.threads = max(1, int(threads))
+        self.buffers = [BufferPool() for _ in range(self.threads)]        # one pool per thread
+        self._executor = ThreadPoolExecutor(self.threads) if self.threads > 1 else None
         self._plans = {}
         self.steps = self._plan(())
 
@@ -576,21 +618,35 @@ class InferenceEngine:
         if unknown:
             raise KeyError(f"model {model.name!r} has no layers named {sorted(unknown)}")
         steps = self._plan(wanted)
+        shares = [share for share in np.array_split(np.arange(len(x)), self.threads) if len(share)]
+        with no_grad():                        # here, not in the threads: the switch is global
+            if len(shares) == 1 or get_array_module(x) is not np:
+                y, captured = self._run(steps, x, wanted, self.buffers[0])
+            else:
+                with single_threaded_blas() or contextlib.nullcontext():
+                    results = list(self._executor.map(
+                        lambda i: self._run(steps, x[shares[i][0]:shares[i][-1] + 1], wanted, self.buffers[i]),
+                        range(len(shares))))
+                y = np.concatenate([share_y for share_y, _ in results])
+                captured = {name: np.concatenate([share[name] for _, share in results]) for name in wanted}
+        return y if capture is None else (y, captured)
+
+    @staticmethod
+    def _run(steps, x, wanted, buffers):
+        """Run the steps on x; returns (output, {wanted name: its output})."""
         last_use = {}
         for position, step in enumerate(steps):
             for name in step.inputs:
                 last_use[name] = position
         tensors = {'input': x}
-        with no_grad():
-            for position, step in enumerate(steps):
-                output = step.run(*(tensors[name] for name in step.inputs), self.buffers)
-                tensors[step.output] = output
-                for name in step.inputs:
-                    if last_use[name] == position and name not in wanted and name != 'input':
-                        self.buffers.give_back(tensors.pop(name), still_used=output)
-        self.buffers.forget_lent()
-        y = tensors[steps[-1].output]
-        return y if capture is None else (y, {name: tensors[name] for name in wanted})
+        for position, step in enumerate(steps):
+            output = step.run(*(tensors[name] for name in step.inputs), buffers)
+            tensors[step.output] = output
+            for name in step.inputs:
+                if last_use[name] == position and name not in wanted and name != 'input':
+                    buffers.give_back(tensors.pop(name), still_used=output)
+        buffers.forget_lent()
+        return tensors[steps[-1].output], {name: tensors[name] for name in wanted}
 
     def describe(self):
         """One line per step: the layers it runs."""

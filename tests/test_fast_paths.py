@@ -66,10 +66,10 @@ def random_input(xp, rng, shape):
     return xp.asarray(rng.standard_normal(shape).astype(np.float32))
 
 
-def assert_matches_plain(model, x, capture=None):
+def assert_matches_plain(model, x, capture=None, threads=1):
     """The engine's output (and captured layers) against the plain forward pass."""
     expected = plain_forward(model, x, capture)
-    got = InferenceEngine(model)(x, capture=capture)
+    got = InferenceEngine(model, threads=threads)(x, capture=capture)
     if capture is None:
         expected, got = (expected, {}), (got, {})
     assert relative_error(got[0], expected[0]) <= TOLERANCE
@@ -80,15 +80,16 @@ def assert_matches_plain(model, x, capture=None):
 
 # -- Xception, whole ----------------------------------------------------------------------------
 
-@pytest.mark.parametrize('side, include_top, pooling, tile_kb', [(71, True, None, None), (80, False, 'max', 16),
-                                                             (75, False, None, 4)])
-def test_xception_matches_plain(xp, monkeypatch, rng, side, include_top, pooling, tile_kb):
+@pytest.mark.parametrize('side, include_top, pooling, tile_kb, threads', [
+    (71, True, None, None, 1), (80, False, 'max', 16, 2), (75, False, None, 4, 3)])
+def test_xception_matches_plain(xp, monkeypatch, rng, side, include_top, pooling, tile_kb, threads):
+    """Threads split the batch of 3 into shares of 2 + 1 and 1 + 1 + 1."""
     if tile_kb is not None:
         use_tiles(monkeypatch, tile_kb * 1024)
     model = minixcept.Xception(include_top=include_top, input_shape=(side, side, 3), pooling=pooling,
                                classes=5, middle_blocks=1)
     randomise(model, rng)
-    assert_matches_plain(model, random_input(xp, rng, (2, side, side, 3)))
+    assert_matches_plain(model, random_input(xp, rng, (3, side, side, 3)), threads=threads)
 
 
 def test_xception_capture_matches_plain(xp, rng):
@@ -99,7 +100,7 @@ def test_xception_capture_matches_plain(xp, rng):
     x = random_input(xp, rng, (2, 72, 72, 3))
     assert_matches_plain(model, x, capture='all')
     last_relu = model.layers[-2].name                   # with one middle block, block7_sepconv2_act
-    assert_matches_plain(model, x, capture=['block1_conv1', 'block2_sepconv1_bn', 'block3_sepconv1_act',
+    assert_matches_plain(model, x, threads=2, capture=['block1_conv1', 'block2_sepconv1_bn', 'block3_sepconv1_act',
                                             'add_1', 'block5_sepconv2_act', last_relu])
 
 
@@ -195,7 +196,7 @@ def test_outputs_survive_the_next_batch(xp, rng):
     """Buffers are reused from one call to the next, but never the ones handed to the caller."""
     model = randomise(chain((12, 12, 4), L.Conv2D(8, 3, padding='same'), L.BatchNormalization(), L.ReLU(),
                             L.SeparableConv2D(8, 3, padding='same'), L.BatchNormalization()), rng)
-    engine, name = InferenceEngine(model), model.layers[2].name
+    engine, name = InferenceEngine(model, threads=1), model.layers[2].name
     first, second = random_input(xp, rng, (2, 12, 12, 4)), random_input(xp, rng, (2, 12, 12, 4))
     y_first, captured_first = engine(first, capture=[name])
     y_again = engine(first)
@@ -263,13 +264,25 @@ def test_memory_is_reused_and_outputs_let_go(rng):
     model = randomise(chain((16, 16, 4), L.Conv2D(8, 3, padding='same'), L.BatchNormalization(), L.ReLU(),
                             L.SeparableConv2D(8, 3, padding='same'), L.BatchNormalization(), L.ReLU(),
                             L.SeparableConv2D(8, 3, padding='same')), rng)
-    engine = InferenceEngine(model)
-    x = rng.standard_normal((2, 16, 16, 4)).astype(np.float32)
+    engine = InferenceEngine(model, threads=2)
+    x = rng.standard_normal((4, 16, 16, 4)).astype(np.float32)
     engine(x)
-    held = engine.buffers.nbytes
+    held = [pool.nbytes for pool in engine.buffers]
     y = engine(x)
-    assert held > 0 and engine.buffers.nbytes == held
+    assert min(held) > 0 and [pool.nbytes for pool in engine.buffers] == held
     returned = weakref.ref(y)
     del y
     gc.collect()
     assert returned() is None
+
+
+def test_threads_leave_gradients_on(rng):
+    """The no_grad switch is global: threads must not leave it off behind them."""
+    from minixcept.layers.base import grad_enabled
+    model = randomise(chain((8, 8, 3), L.Conv2D(4, 3), L.BatchNormalization(), L.ReLU()), rng)
+    InferenceEngine(model, threads=2)(rng.standard_normal((4, 8, 8, 3)).astype(np.float32))
+    assert grad_enabled()
+    with no_grad():
+        InferenceEngine(model, threads=2)(rng.standard_normal((4, 8, 8, 3)).astype(np.float32))
+        assert not grad_enabled()
+    assert grad_enabled()
