@@ -200,17 +200,13 @@ def save_finetuned(network, description, out_dir):
 
 
 def reload_and_evaluate(base_file, head_file, image_size, val_pixels, y_val, loss, batch_size):
-    """Validation scores of a fresh Xception + head loaded from the saved files, photo to logit,
-    and the logits themselves (N,)."""
+    """Validation scores of a fresh Xception + head loaded from the saved files, photo to logit
+    through ``predict`` (the library's inference path), and the logits themselves."""
     started = time.monotonic()
     head, _ = load_head(head_file)
     base = build_base(base_file, image_size, seed=0)
-    logits = []
-    with minixcept.no_grad():
-        for start in range(0, len(val_pixels), batch_size):
-            images = minixcept.to_device(preprocess_input(val_pixels[start:start + batch_size]), np.float32)
-            logits.append(minixcept.asnumpy(head.forward(base.forward(images), training=False)))
-    logits = np.concatenate(logits)
+    logits = np.concatenate([head.predict(base.predict(preprocess_input(val_pixels[start:start + batch_size])))
+                             for start in range(0, len(val_pixels), batch_size)])
     scores = scores_of(logits, y_val, loss)
     log(f'reloaded from {base_file.name} + {head_file.name}: val_loss {scores["loss"]:.4f}  '
         f'val_accuracy {scores["accuracy"]:.4f}  ({time.monotonic() - started:.1f} s)')
