@@ -20,10 +20,12 @@ data" (F. Chollet, the Keras blog, 2016), with Xception in place of VGG16:
 
 Then ``python examples/catdog_predict.py PHOTO...`` classifies new photos with the head.
 
-The optimizer is Adam (learning rate 1e-4, Keras's other defaults). The original write-up
-used RMSprop, which minixcept does not have; Adam's per-weight step sizes behave like
-RMSprop's plus momentum, and on these features it reaches its best validation loss within
-a few epochs. The weights kept are those of the epoch with the lowest validation loss.
+The optimizer is Adam (learning rate 1e-4, Keras's other defaults), batches of 32, 20
+epochs. The original write-up used RMSprop, which minixcept does not have; Adam scales each
+weight's step as RMSprop does and adds momentum. On the 2,000 training photos at 299 px the
+validation accuracy is about 99% from the first epoch on, and the validation loss levels
+off after 6 to 10 epochs while the training loss keeps falling; the weights kept are those
+of the epoch with the lowest validation loss.
 """
 import argparse
 import json
