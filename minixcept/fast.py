@@ -16,14 +16,14 @@ list of *steps*:
   after a convolution whose output nobody else reads it runs in place. It never
   runs in place on a tensor something else still reads: in Xception's blocks
   3-13 the residual shortcut reads the *pre*-ReLU block input.
-- **Tiles that stay in the cache.** A windowed step works through its output a
-  few rows (or a few small images) at a time: copy the input rows the tile
-  needs into a padded scratch tile, run the depthwise multiply-adds (or im2col)
-  on it, one matrix product for the pointwise (or full) convolution, then bias
-  and ReLU, all while the tile is still in the CPU cache. Main memory sees each
-  input read once and each output written once. (At 299 px a block-2 tensor of
-  a batch of 8 is 88 MB, larger than any cache; the matrix products are also
-  faster on a few thousand rows than on 170,000.)
+- **Work in cache-sized pieces.** A windowed step works through its output a
+  block of rows at a time: for each small tile of the block, copy the input rows
+  it needs into a padded scratch tile and run the depthwise multiply-adds (or
+  im2col) on it while it is in the CPU cache; then one matrix product mixes the
+  channels of the whole block, and bias and ReLU follow while its output is
+  still in cache. Main memory sees each input read once and each output written
+  once. (At 299 px a block-2 tensor of a batch of 8 is 88 MB, larger than any
+  cache; matrix products on a few thousand rows are also faster than on 170,000.)
 - **Depthwise convolution as kh*kw multiply-adds** into preallocated arrays, with
   the weights repeated along W so that NumPy runs one long loop per row.
 - **Max pooling as two 1-D passes**: the max over a 3x3 window is the max over
@@ -64,10 +64,10 @@ try:
 except ImportError:                           # optional: without it the engine runs on one thread
     ThreadpoolController = None
 
-# Work is split twice. A *block* is what one matrix product multiplies: a few MB of rows,
-# enough that the BLAS threads share out plenty of work per call (small calls spend their
-# time synchronising, and stall whenever another process holds one of the cores). A *tile*
-# is what the element-wise work (padding, depthwise multiply-adds, im2col) does at a time:
+# Work is split twice. A *block* is what one matrix product multiplies: a few MB of rows, a
+# few thousand, where BLAS runs at full speed (many small calls spend their time starting and
+# synchronising) and the block's output is still in cache for the bias and ReLU. A *tile* is
+# what the element-wise work (padding, depthwise multiply-adds, im2col) does at a time:
 # small enough that its input rows, products and partial sums stay in the CPU cache.
 BLOCK_BYTES = 8 * 1024 * 1024
 TILE_BYTES = 512 * 1024
@@ -167,7 +167,8 @@ def along_width(values, width):
     So depthwise weights, biases and the ReLU's zero are repeated along W once per step.
     """
     xp = get_array_module(values)
-    return xp.ascontiguousarray(xp.broadcast_to(values[..., None, :], values.shape[:-1] + (width, values.shape[-1])))
+    repeated = xp.broadcast_to(values[..., None, :], values.shape[:-1] + (width, values.shape[-1]))
+    return xp.ascontiguousarray(repeated)
 
 
 def depthwise_tile(x_tile, taps, strides, out, scratch):
@@ -224,8 +225,9 @@ def max_pool_tile(x_tile, pool_size, strides, out, row_max):
 
     x_tile: (n, rows_in, Wp, C); out: (n, rows, W_out, C); row_max: scratch of at least
     (n, rows_in, W_out, C). The max over a kh x kw window is the max over its kh rows of each
-    row's max over kw columns: kh + kw - 2 comparisons per output instead of kh*kw - 1, and
-    exactly the plain layer's result (a max involves no rounding).
+    row's max over kw columns: (kw - 1) + (kh - 1) maxima per output instead of kh*kw - 1 (the
+    first pass on about sh times as many rows), and exactly the plain layer's result (a max
+    involves no rounding).
     """
     xp = get_array_module(x_tile)
     (kh, kw), (sh, sw) = pool_size, strides
@@ -285,10 +287,6 @@ class BufferPool:
         """Arrays still out after a forward pass went to the caller: they are theirs now."""
         self._lent.clear()
 
-    def clear(self):
-        self._free.clear()
-        self._lent.clear()
-
     @property
     def nbytes(self):
         return sum(block.nbytes for block in self._free)
@@ -315,11 +313,11 @@ class Step:
 class WindowedConvStep(Step):
     """A convolution over windows, tile by tile, with what the plan fused around it:
 
-        [ReLU] -> Conv2D | SeparableConv2D | DepthwiseConv2D | PointwiseConv2D
+        [ReLU] -> Conv2D | SeparableConv2D | DepthwiseConv2D
                -> [BatchNormalization, folded] -> [ReLU, in place]
 
     Full convolutions go through im2col, separable ones through the depthwise multiply-adds;
-    either way the channels are mixed by one matrix product per tile.
+    either way the channels are mixed by one matrix product per block of rows.
     """
 
     def __init__(self, conv, inputs, leading_relu=None, batch_norm=None, relu=None):
@@ -331,7 +329,7 @@ class WindowedConvStep(Step):
         self.strides = getattr(conv, 'strides', (1, 1))
         self.padding = getattr(conv, 'padding', 'valid')
         self.depthwise_kernel = None              # (kh, kw, C_in, 1): separable and depthwise
-        self.matrix = None                        # (K, C_out): what each tile's rows multiply
+        self.matrix = None                        # (K, C_out): what each block's rows multiply
         self.full_convolution = isinstance(conv, Conv2D)
         if self.full_convolution:
             kernel, self.bias = fold_batch_norm(p['kernel'], p.get('bias'), batch_norm)
@@ -371,18 +369,18 @@ class WindowedConvStep(Step):
         input_zeros = xp.zeros((x.shape[2], c_in), dtype=x.dtype) if self.leading_relu else None
         bias_row = along_width(self.bias, out_w) if self.bias is not None else None
         output_zeros = xp.zeros((out_w, c_out), dtype=x.dtype) if self.relu else None
-        for block, tiles in blocks:
-            y_block = y[block[0], block[1]:block[2]]                          # (n, rows, W_out, C_out)
-            lhs_block = y_block if lhs is None else lhs[:_extent(block)[0], :_extent(block)[1]]
+        for (block_images, block_top, block_bottom), tiles in blocks:
+            y_block = y[block_images, block_top:block_bottom]                 # (n, rows, W_out, C_out)
+            lhs_block = y_block if lhs is None else lhs[:y_block.shape[0], :y_block.shape[1]]
             for images, top, bottom in tiles:
                 rows_in = gather_rows(x, images, top, bottom, kh, sh, pads, x_tile, relu_zeros=input_zeros)
-                # Where this tile's rows sit inside the block.
-                part = lhs_block[images.start - block[0].start:images.stop - block[0].start,
-                                 top - block[1]:bottom - block[1]]
+                first = images.start - block_images.start                     # the tile within the block
+                part = lhs_block[first:first + images.stop - images.start, top - block_top:bottom - block_top]
                 if self.full_convolution:
                     im2col_tile(rows_in, self.kernel_size, self.strides, part)
                 else:
-                    depthwise_tile(rows_in, taps, self.strides, part, products[:part.shape[0], :part.shape[1]])
+                    scratch = products[:part.shape[0], :part.shape[1]]
+                    depthwise_tile(rows_in, taps, self.strides, part, scratch)
             if self.matrix is not None:
                 xp.matmul(lhs_block.reshape(-1, self.matrix.shape[0]), self.matrix,
                           out=y_block.reshape(-1, c_out))                     # (n*rows*W_out, C_out)
