@@ -269,7 +269,8 @@ def report(machine, rows, before_after, notes):
         f"TensorFlow {machine['tensorflow']} (CPU, oneDNN), threads: {machine['tensorflow_threads']}",
         f"Date: {machine['date']}",
         '',
-        '| pass | batch | TensorFlow ms/photo | minixcept ms/photo | minixcept / TF | TF peak memory | minixcept peak memory |',
+        '| pass | batch | TensorFlow ms/photo | minixcept ms/photo | minixcept / TF '
+        '| TF peak memory | minixcept peak memory |',
         '|---|---:|---:|---:|---:|---:|---:|',
     ]
     for row in rows:
