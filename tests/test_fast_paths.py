@@ -2,9 +2,11 @@
 
 Every fused step is compared with the plain layers' forward pass on the same weights:
 random kernels *and* random batch-norm statistics (so that folding is exercised), odd and
-even sizes, and tiles forced tiny so that tile edges, halo rows and tiles of several
-images are all crossed. Agreement: max|a - b| / max|b| <= 1e-5 (float32 rounding of a
-different summation order); max pooling must agree exactly.
+even sizes, tiles forced tiny so that tile edges, halo rows and tiles of several images
+are all crossed, and batches split over 1 to 3 threads. Agreement: max|a - b| / max|b|
+<= 1e-5 (float32 rounding of a different summation order); max pooling must agree
+exactly. Also: nothing is overwritten that is still read (the residual's input, the
+caller's array, captured or returned outputs), and buffers are reused between batches.
 """
 import numpy as np
 import pytest
