@@ -288,3 +288,13 @@ def test_threads_leave_gradients_on(rng):
         InferenceEngine(model, threads=2)(rng.standard_normal((4, 8, 8, 3)).astype(np.float32))
         assert not grad_enabled()
     assert grad_enabled()
+
+
+def test_classification_head_runs_through_its_layers(rng):
+    """A head of Dense and Dropout layers has nothing to fuse: the engine runs each layer's own
+    forward (Dropout returns its input unchanged at inference), threads and all."""
+    head = minixcept.Sequential([L.Dense(8, activation='relu'), L.Dropout(0.5), L.Dense(1)], input_shape=(16,))
+    features = rng.standard_normal((7, 16)).astype(np.float32)
+    assert relative_error(head.predict(features, batch_size=4),
+                          head.predict(features, batch_size=4, fast=False)) <= TOLERANCE
+    assert all(isinstance(step, fast.LayerStep) for step in InferenceEngine(head).steps)
