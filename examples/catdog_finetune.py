@@ -15,21 +15,25 @@ data" (F. Chollet, the Keras blog, 2016), with Xception in place of VGG16. It st
 5. train     with a small learning rate (SGD 1e-4, momentum 0.9, as the write-up), each
              training photo randomly flipped, turned, sheared, zoomed and shifted
              (minixcept.augment); the frozen part runs under no_grad, the backward pass stops
-             at the first trainable layer; the epoch with the lowest validation loss is kept;
+             at the first trainable layer; the epoch with the lowest validation loss is kept.
+             Trainable batch-norm layers normalise with each batch's statistics, as Keras's
+             model(x, training=True) does; ``--bn-statistics moving`` keeps their moving
+             statistics instead (see minixcept.finetune for why that matters here);
 6. save      the fine-tuned base (HDF5, the layout ``Xception(weights=PATH)`` reads) and head;
 7. check     reload both files into a fresh model and measure the validation accuracy again;
 8. report    a JSON report (before and after) and a PNG of the training curves.
 
     python examples/catdog_finetune.py [--head runs/catdog/head.h5] [--train-from block14]
-        [--augment | --no-augment] [--optimizer sgd|adam] [--learning-rate 1e-4] [--epochs N]
-        [--data DIR] [--image-size N] [--batch-size N] [--backend numpy|cupy] [--weights PATH]
+        [--augment | --no-augment] [--bn-statistics batch|moving] [--optimizer sgd|adam]
+        [--learning-rate 1e-4] [--epochs N] [--data DIR] [--image-size N] [--batch-size N] [--backend numpy|cupy] [--weights PATH]
         [--seed N] [--limit N] [--out DIR] [--report FILE.json] [--show-augmentations]
 
 ``--show-augmentations`` only writes OUT/augmentations.png (4 photos, each with 6 random
 augmentations) to look at what the network is fed, and stops.
 
-On the CPU the frozen part dominates: at 299 px a photo costs about a quarter of a
-second through it, the last block a few hundredths. Without augmentation its output is
+On the CPU the frozen part dominates: at 299 px a photo costs about a seventh of a
+second through it (the fast inference engine), a training step of block 14 and the head
+a few hundredths. Without augmentation its output is
 computed once per photo and the epochs are quick; with augmentation every epoch pays for
 it again. On a GPU (``--backend cupy``) the whole network can train (``--train-from block1``).
 """
@@ -74,6 +78,9 @@ def parse_args(argv=None):
     parser.add_argument('--show-augmentations', action='store_true',
                         help='only write OUT/augmentations.png (4 photos x 6 augmentations, at 299 px '
                              'unless --image-size says otherwise) and stop')
+    parser.add_argument('--bn-statistics', choices=('batch', 'moving'), default='batch',
+                        help="trainable batch-norm layers normalise with each batch's statistics (Keras's "
+                             "trainable=True) or keep their moving statistics (the base in inference mode)")
     parser.add_argument('--optimizer', choices=('sgd', 'adam'), default='sgd',
                         help='SGD with momentum 0.9 (the write-up) or Adam')
     parser.add_argument('--learning-rate', type=float, default=1e-4)
@@ -119,10 +126,10 @@ def load_pixels(folder, image_size):
 
 # -- 2. build, 3. freeze -------------------------------------------------------------------------
 
-def build_network(weights, head, image_size, train_from, seed):
+def build_network(weights, head, image_size, train_from, bn_statistics, seed):
     """Xception with ``weights`` + the trained head, frozen before the first layer of ``train_from``."""
     base = build_base(weights, image_size, seed)
-    network = FineTuneModel(base, head, train_from)
+    network = FineTuneModel(base, head, train_from, bn_statistics=bn_statistics)
     frozen = sum(not layer.trainable for layer in base.layers)
     log(f'training from {network.first_trainable!r}: {frozen} of {len(base.layers)} base layers frozen, '
         f'{network.count_trainable_params():,} weights to train '
@@ -245,6 +252,7 @@ def write_report(args, network, image_size, counts, before, history, after, relo
         'n_train': counts['train'], 'n_val': counts['validation'],
         'train_from': args.train_from, 'first_trainable_layer': network.first_trainable,
         'frozen_output': network.frozen_output, 'trainable_params': network.count_trainable_params(),
+        'bn_statistics': args.bn_statistics,
         'augment': args.augment, 'augmentation': AUGMENTATION.__dict__ if args.augment else None,
         'optimizer': (f'SGD(learning_rate={args.learning_rate}, momentum=0.9)' if args.optimizer == 'sgd'
                       else f'Adam(learning_rate={args.learning_rate})'),
@@ -281,7 +289,8 @@ def main(argv=None):
         head, description = load_head(args.head)
         image_size = args.image_size or description['image_size']
         splits = load_photos(args.data, args.limit)
-        network = build_network(get_weights(args.weights), head, image_size, args.train_from, args.seed)
+        network = build_network(get_weights(args.weights), head, image_size, args.train_from, args.bn_statistics,
+                                args.seed)
     except DatasetLayoutError as error:
         print(f'error: {error}', file=sys.stderr)
         return 2
