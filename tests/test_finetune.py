@@ -126,7 +126,7 @@ def test_a_step_moves_trainable_weights_only(xp, rng):
 
 
 # -- one step against Keras ---------------------------------------------------------------------
-def minixcept_step(pixels, labels, weights_path):
+def minixcept_step(pixels, labels, weights_path, bn_statistics='batch', dtype=np.float32):
     """minixcept's numbers for reference.keras_finetune_step's inputs, keyed as it keys them."""
     base = minixcept.Xception(include_top=False, pooling='avg', input_shape=pixels.shape[1:])
     base.load_weights(weights_path)
@@ -136,10 +136,13 @@ def minixcept_step(pixels, labels, weights_path):
     dense.set_weights([kernel, bias])
     logit.set_weights([logit_kernel, logit_bias])
     dropout.rng = np.random.default_rng(reference.DROPOUT_SEED)    # draws the mask Keras is given
-    network = FineTuneModel(base, head, train_from=reference.TRAIN_FROM)
+    for layer in base.layers + head.layers:
+        layer.astype(dtype)
+    network = FineTuneModel(base, head, train_from=reference.TRAIN_FROM, bn_statistics=bn_statistics,
+                            fast=dtype == np.float32)           # the fast engine computes in float32
 
     loss = minixcept.losses.BinaryCrossentropy(from_logits=True)
-    frozen = network.frozen_features(minixcept.to_device(preprocess_input(pixels)))
+    frozen = network.frozen_features(minixcept.to_device(preprocess_input(pixels), dtype))
     logits = network.forward(frozen, training=True)
     value = loss.forward(logits, minixcept.to_device(labels))
     network.backward(loss.backward())
@@ -195,22 +198,37 @@ def live_photos(catdog):
     return pixels
 
 
-@pytest.fixture(scope='module')
-def keras_step(tf, notop_weights, live_photos):
-    return reference.keras_finetune_step(live_photos, reference.LABELS, notop_weights)
+# The issue's bar is float32 against float32. With the base in inference mode ('moving'), one
+# of these photos puts a value of 7e-7 into block14_sepconv1_act, and float32 rounding decides
+# its sign differently in Keras and here: that ReLU's gradient then flows in one and not in
+# the other (0.8% of block14_sepconv1's largest kernel gradient, every other column within
+# 2e-6). In float64 no rounding comes near it, so that mode is compared in float64, where the
+# two agree to about 5e-15 (the bar is 1e-10).
+LIVE_CASES = [('batch', 'float32', TOLERANCE), ('batch', 'float64', 1e-10), ('moving', 'float64', 1e-10)]
+
+
+@pytest.fixture(scope='module', params=LIVE_CASES, ids=['-'.join(case[:2]) for case in LIVE_CASES])
+def keras_step(request, tf, notop_weights, live_photos):
+    """Keras's step with the base called with training=True ('batch' statistics) or False
+    ('moving'), in float32 or float64; with the tolerance for that case."""
+    bn_statistics, dtype, tolerance = request.param
+    step = reference.keras_finetune_step(live_photos, reference.LABELS, notop_weights,
+                                         base_training=bn_statistics == 'batch', dtype=dtype)
+    return bn_statistics, np.dtype(dtype), tolerance, step
 
 
 def test_step_matches_keras_live(xp, keras_step, live_photos, notop_weights):
-    ours = minixcept_step(live_photos, reference.LABELS, notop_weights)
-    assert relative_error(ours['logits'], keras_step['logits']) <= TOLERANCE
+    bn_statistics, dtype, tolerance, keras_step = keras_step
+    ours = minixcept_step(live_photos, reference.LABELS, notop_weights, bn_statistics, dtype)
+    assert relative_error(ours['logits'], keras_step['logits']) <= tolerance
     assert sorted(ours['grads']) == sorted(keras_step['grads'])
     errors = {key: relative_error(ours['grads'][key], reference_gradient)
               for key, reference_gradient in keras_step['grads'].items()}
     worst = max(errors, key=errors.get)
-    assert errors[worst] <= TOLERANCE, f'{worst}: {errors[worst]:.2e}'
+    assert errors[worst] <= tolerance, f'{worst}: {errors[worst]:.2e}'
     assert len(ours['moving']) == len(keras_step['moving']) == 2 * 5      # block 13-14's five batch-norms
     for key, value in keras_step['moving'].items():
-        assert relative_error(ours['moving'][key], value) <= TOLERANCE, key
+        assert relative_error(ours['moving'][key], value) <= tolerance, key
 
 
 # -- the example, end to end on a few real photos ------------------------------------------------

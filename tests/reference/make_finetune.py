@@ -60,10 +60,15 @@ def dropout_mask(batch, units=HEAD_UNITS, rate=DROPOUT_RATE, seed=DROPOUT_SEED):
     return keep.astype(np.float32) / np.float32(1 - rate)
 
 
-def keras_finetune_step(pixels, labels, weights_path=NOTOP_WEIGHTS, train_from=TRAIN_FROM):
+def keras_finetune_step(pixels, labels, weights_path=NOTOP_WEIGHTS, train_from=TRAIN_FROM, base_training=True,
+                        dtype='float32'):
     """One Keras training step's numbers (nothing is updated but the moving statistics).
 
-    pixels: uint8 (N, H, W, 3); labels: (N,) 0/1. Returns a dict with 'loss' (float),
+    pixels: uint8 (N, H, W, 3); labels: (N,) 0/1. base_training: the base is called with
+    training=True (trainable batch-norm uses batch statistics) or, as Keras's transfer-learning
+    guide recommends for fine-tuning, training=False (every batch-norm keeps its moving
+    statistics; gamma and beta still get gradients). dtype: what Keras computes in (the
+    head's weights and the mask are the same float32 numbers either way). Returns a dict with 'loss' (float),
     'logits' (N,), 'grads' {(layer, weight): gradient} for every trainable tensor, named as
     Keras 3 names them in a fresh process (head layers: 'head_dense', 'head_logit'), and
     'moving' {(layer, 'moving_mean'|'moving_variance'): value after the step} for the
@@ -72,20 +77,20 @@ def keras_finetune_step(pixels, labels, weights_path=NOTOP_WEIGHTS, train_from=T
     import keras
     import tensorflow as tf
 
-    base = keras_xception(pixels.shape[1:], weights_path)
+    base = keras_xception(pixels.shape[1:], weights_path, dtype=dtype)
     names = canonical_names(base)
     first_trainable = next(i for i, name in enumerate(names) if name.startswith(f'{train_from}_'))
     for layer in base.layers[1:1 + first_trainable]:
         layer.trainable = False
-    pool = keras.layers.GlobalAveragePooling2D()
-    hidden = keras.layers.Dense(HEAD_UNITS, activation='relu', name='head_dense')
-    logit = keras.layers.Dense(1, name='head_logit')
+    pool = keras.layers.GlobalAveragePooling2D(dtype=dtype)
+    hidden = keras.layers.Dense(HEAD_UNITS, activation='relu', name='head_dense', dtype=dtype)
+    logit = keras.layers.Dense(1, name='head_logit', dtype=dtype)
     hidden.build((None, base.output.shape[-1]))
     logit.build((None, HEAD_UNITS))
     kernel, bias, logit_kernel, logit_bias = head_weights(base.output.shape[-1])
     hidden.set_weights([kernel, bias])
     logit.set_weights([logit_kernel, logit_bias])
-    mask = tf.constant(dropout_mask(len(pixels)))
+    mask = tf.constant(dropout_mask(len(pixels)), dtype=dtype)
 
     named = list(zip(names, base.layers[1:])) + [('head_dense', hidden), ('head_logit', logit)]
     variables, keys = [], []
@@ -94,12 +99,12 @@ def keras_finetune_step(pixels, labels, weights_path=NOTOP_WEIGHTS, train_from=T
             variables.append(variable)
             keys.append((name, variable.name))
 
-    x = tf.constant(keras.applications.xception.preprocess_input(pixels.astype(np.float32)))
-    y = tf.constant(np.asarray(labels, np.float32).reshape(-1, 1))
+    x = tf.constant(keras.applications.xception.preprocess_input(pixels.astype(np.float32)), dtype=dtype)
+    y = tf.constant(np.asarray(labels).reshape(-1, 1), dtype=dtype)
     with tf.GradientTape() as tape:
-        features = pool(base(x, training=True))
+        features = pool(base(x, training=base_training))
         logits = logit(hidden(features) * mask)
-        loss = keras.losses.BinaryCrossentropy(from_logits=True)(y, logits)
+        loss = keras.losses.BinaryCrossentropy(from_logits=True, dtype=dtype)(y, logits)
     grads = tape.gradient(loss, variables)
 
     moving = {}
