@@ -25,8 +25,9 @@ data" (F. Chollet, the Keras blog, 2016), with Xception in place of VGG16. It st
 
     python examples/catdog_finetune.py [--head runs/catdog/head.h5] [--train-from block14]
         [--augment | --no-augment] [--bn-statistics batch|moving] [--optimizer sgd|adam]
-        [--learning-rate 1e-4] [--epochs N] [--data DIR] [--image-size N] [--batch-size N] [--backend numpy|cupy] [--weights PATH]
-        [--seed N] [--limit N] [--out DIR] [--report FILE.json] [--show-augmentations]
+        [--learning-rate 1e-4] [--epochs N] [--data DIR] [--image-size N] [--batch-size N]
+        [--backend numpy|cupy] [--weights PATH] [--seed N] [--limit N] [--out DIR]
+        [--report FILE.json] [--show-augmentations]
 
 ``--show-augmentations`` only writes OUT/augmentations.png (4 photos, each with 6 random
 augmentations) to look at what the network is fed, and stops.
@@ -38,6 +39,7 @@ computed once per photo and the epochs are quick; with augmentation every epoch 
 it again. On a GPU (``--backend cupy``) the whole network can train (``--train-from block1``).
 """
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -50,7 +52,7 @@ sys.path.insert(0, str(HERE))
 import numpy as np  # noqa: E402
 
 import minixcept  # noqa: E402
-from catdog_bottleneck import DEFAULT_OUT as BOTTLENECK_OUT  # noqa: E402
+from catdog_bottleneck import DEFAULT_DATA, DEFAULT_OUT as BOTTLENECK_OUT  # noqa: E402
 from catdog_bottleneck import build_base, get_weights, head_loss, load_photos  # noqa: E402
 from catdog_predict import load_head  # noqa: E402
 from minixcept import optimizers  # noqa: E402
@@ -101,7 +103,6 @@ def parse_args(argv=None):
     parser.add_argument('--report', type=Path, default=None, help='JSON report (default: OUT/report.json)')
     args = parser.parse_args(argv)
     if args.data is None:
-        from catdog_bottleneck import DEFAULT_DATA
         args.data = DEFAULT_DATA if DEFAULT_DATA.is_dir() else None
     args.report = args.report or args.out / 'report.json'
     return args
@@ -253,7 +254,7 @@ def write_report(args, network, image_size, counts, before, history, after, relo
         'train_from': args.train_from, 'first_trainable_layer': network.first_trainable,
         'frozen_output': network.frozen_output, 'trainable_params': network.count_trainable_params(),
         'bn_statistics': args.bn_statistics,
-        'augment': args.augment, 'augmentation': AUGMENTATION.__dict__ if args.augment else None,
+        'augment': args.augment, 'augmentation': dataclasses.asdict(AUGMENTATION) if args.augment else None,
         'optimizer': (f'SGD(learning_rate={args.learning_rate}, momentum=0.9)' if args.optimizer == 'sgd'
                       else f'Adam(learning_rate={args.learning_rate})'),
         'epochs': len(history.epochs), 'best_epoch': history.best_epoch, 'history': history.epochs,
