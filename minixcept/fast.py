@@ -33,8 +33,9 @@ list of *steps*:
   takes them back when no step reads them any more: fresh memory costs a page
   fault per page on first write, which for the entry flow's tensors costs about
   as much as the arithmetic on them.
-- **One thread per core, each on its share of the batch**, with the BLAS library
-  held to one thread (see ``InferenceEngine``).
+- **One thread per core**, each on its share of the batch (or, for a single photo,
+  on its share of each step's blocks), with the BLAS library held to one thread
+  (see ``InferenceEngine``).
 
 Everything else (global pooling, the classifier head) runs through the layer's
 own ``forward``. The engine copies the weights it folds when it is built: build
@@ -49,6 +50,7 @@ is given.
 import contextlib
 import math
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -114,15 +116,17 @@ def split_rows(images, top, bottom, row_bytes, target_bytes, out_h):
             for i in range(images.start, images.stop) for first in range(top, bottom, rows)]
 
 
-def plan_blocks(n_images, out_h, row_bytes, xp):
+def plan_blocks(n_images, out_h, row_bytes, xp, at_least=1):
     """[(block, [tiles])] covering an output (N, H_out, ...) whose rows each mean ``row_bytes``
-    of work. On a GPU one block of one tile covers everything: there the cost is in kernel
+    of work, in ``at_least`` blocks where the rows allow (so that that many threads can share
+    them). On a GPU one block of one tile covers everything: there the cost is in kernel
     launches, not in cache misses."""
     everything = (slice(0, n_images), 0, out_h)
     if xp is not np:
         return [(everything, [everything])]
+    block_bytes = min(BLOCK_BYTES, -(-n_images * out_h * row_bytes // at_least))
     return [(block, split_rows(*block, row_bytes, TILE_BYTES, out_h))
-            for block in split_rows(*everything, row_bytes, BLOCK_BYTES, out_h)]
+            for block in split_rows(*everything, row_bytes, block_bytes, out_h)]
 
 
 def gather_rows(x, images, top, bottom, window_h, stride_h, pads, out, fill=0.0, relu_zeros=None):
@@ -292,6 +296,45 @@ class BufferPool:
         return sum(block.nbytes for block in self._free)
 
 
+# -- threads --------------------------------------------------------------------------------------
+
+class Workers:
+    """Runs a function over a list of items on the calling thread and ``threads - 1`` helpers.
+
+    Each thread takes the next item as soon as it is done with one, so a thread that another
+    process keeps off its core holds up only the item it is on. ``function(item, slot)`` gets
+    the index of the thread running it, to work in scratch arrays of that thread's own.
+    NumPy and (single-threaded) BLAS release the GIL inside their loops, so the threads
+    really do run at once.
+    """
+
+    def __init__(self, threads=1):
+        self.threads = max(1, threads)
+        self._pool = ThreadPoolExecutor(self.threads - 1) if self.threads > 1 else None
+
+    def each(self, function, items):
+        if self.threads == 1 or len(items) < 2:
+            for item in items:
+                function(item, 0)
+            return
+        pending, lock = iter(items), threading.Lock()
+
+        def work(slot):
+            while True:
+                with lock:
+                    item = next(pending, None)
+                if item is None:
+                    return
+                function(item, slot)
+        helpers = [self._pool.submit(work, slot) for slot in range(1, min(self.threads, len(items)))]
+        work(0)
+        for helper in helpers:
+            helper.result()                   # waits, and raises a helper's exception here
+
+
+ONE_THREAD = Workers(1)
+
+
 # -- steps: what the engine runs -----------------------------------------------------------------
 
 class Step:
@@ -344,7 +387,7 @@ class WindowedConvStep(Step):
                                                 p.get('bias'), batch_norm)
             self.depthwise_kernel = kernel.transpose(0, 1, 3, 2)
 
-    def run(self, x, buffers):
+    def run(self, x, buffers, workers):
         xp = get_array_module(x)
         n, _, _, c_in = x.shape
         (out_h, out_w), pads = window_geometry(x.shape[1:3], self.kernel_size, self.strides, self.padding)
@@ -352,39 +395,45 @@ class WindowedConvStep(Step):
         c_out = self.matrix.shape[1] if self.matrix is not None else c_in
         columns = kh * kw * c_in if self.full_convolution else c_in           # per output pixel
         y = buffers.empty((n, out_h, out_w, c_out), x.dtype, xp)
-        blocks = plan_blocks(n, out_h, out_w * columns * x.itemsize, xp)
-        # Scratch sized for the largest block and tile: the matrix product's left-hand rows
-        # (depthwise or im2col output) for a block, and per tile its padded input rows and,
-        # for the depthwise sum, a block of products.
+        blocks = plan_blocks(n, out_h, out_w * columns * x.itemsize, xp, at_least=workers.threads)
+        # Scratch for each thread, sized for the largest block and tile: the matrix product's
+        # left-hand rows (depthwise or im2col output) for a block, and per tile its padded
+        # input rows and, for the depthwise sum, a block of products.
         block_shape = max(_extent(block) for block, _ in blocks)
         tile_images, tile_rows = max(_extent(tile) for _, tiles in blocks for tile in tiles)
-        x_tile = xp.empty((tile_images, (tile_rows - 1) * sh + kh, x.shape[2] + sum(pads[1]), c_in),
-                          dtype=x.dtype)
-        if self.full_convolution:
-            lhs = xp.empty(block_shape + (out_w, kh, kw, c_in), dtype=x.dtype)
-        else:
+        tile_shape = (tile_images, (tile_rows - 1) * sh + kh, x.shape[2] + sum(pads[1]), c_in)
+        lhs_shape = block_shape + ((out_w, kh, kw, c_in) if self.full_convolution else (out_w, c_in))
+        scratch = [{'x_tile': xp.empty(tile_shape, dtype=x.dtype),
+                    'lhs': xp.empty(lhs_shape, dtype=x.dtype) if self.matrix is not None else None,
+                    'products': xp.empty((tile_images, tile_rows, out_w, c_in), dtype=x.dtype)}
+                   for _ in range(min(workers.threads, len(blocks)))]
+        if not self.full_convolution:
             taps = along_width(self.depthwise_kernel[:, :, :, 0], out_w)           # (kh, kw, W_out, C_in)
-            lhs = xp.empty(block_shape + (out_w, c_in), dtype=x.dtype) if self.matrix is not None else None
-            products = xp.empty((tile_images, tile_rows, out_w, c_in), dtype=x.dtype)
         input_zeros = xp.zeros((x.shape[2], c_in), dtype=x.dtype) if self.leading_relu else None
         bias_row = along_width(self.bias, out_w) if self.bias is not None else None
         output_zeros = xp.zeros((out_w, c_out), dtype=x.dtype) if self.relu else None
-        for (block_images, block_top, block_bottom), tiles in blocks:
+
+        def compute_block(block_and_tiles, slot):
+            (block_images, block_top, block_bottom), tiles = block_and_tiles
+            mine = scratch[slot]
             y_block = y[block_images, block_top:block_bottom]                 # (n, rows, W_out, C_out)
-            lhs_block = y_block if lhs is None else lhs[:y_block.shape[0], :y_block.shape[1]]
+            lhs = y_block if mine['lhs'] is None else mine['lhs'][:y_block.shape[0], :y_block.shape[1]]
             for images, top, bottom in tiles:
-                rows_in = gather_rows(x, images, top, bottom, kh, sh, pads, x_tile, relu_zeros=input_zeros)
+                rows_in = gather_rows(x, images, top, bottom, kh, sh, pads, mine['x_tile'],
+                                      relu_zeros=input_zeros)
                 first = images.start - block_images.start                     # the tile within the block
-                part = lhs_block[first:first + images.stop - images.start, top - block_top:bottom - block_top]
+                part = lhs[first:first + images.stop - images.start, top - block_top:bottom - block_top]
                 if self.full_convolution:
                     im2col_tile(rows_in, self.kernel_size, self.strides, part)
                 else:
-                    scratch = products[:part.shape[0], :part.shape[1]]
-                    depthwise_tile(rows_in, taps, self.strides, part, scratch)
+                    products = mine['products'][:part.shape[0], :part.shape[1]]
+                    depthwise_tile(rows_in, taps, self.strides, part, products)
             if self.matrix is not None:
-                xp.matmul(lhs_block.reshape(-1, self.matrix.shape[0]), self.matrix,
+                xp.matmul(lhs.reshape(-1, self.matrix.shape[0]), self.matrix,
                           out=y_block.reshape(-1, c_out))                     # (n*rows*W_out, C_out)
             bias_and_relu(y_block, bias_row, output_zeros)
+
+        workers.each(compute_block, blocks)
         return y
 
 
@@ -405,7 +454,7 @@ class PointwiseStep(Step):
         self.matrix = kernel.reshape(kernel.shape[2:])                        # (C_in, C_out)
         self.leading_relu, self.relu = leading_relu is not None, relu is not None
 
-    def run(self, x, buffers):
+    def run(self, x, buffers, workers):
         xp = get_array_module(x)
         w, c_in, c_out = x.shape[2], x.shape[3], self.matrix.shape[1]
         rows = xp.maximum(x, xp.zeros((w, c_in), dtype=x.dtype)) if self.leading_relu else x
@@ -420,7 +469,7 @@ class MaxPoolStep(Step):
         super().__init__([layer.name], inputs, layer.name)
         self.pool_size, self.strides, self.padding = layer.pool_size, layer.strides, layer.padding
 
-    def run(self, x, buffers):
+    def run(self, x, buffers, workers):
         xp = get_array_module(x)
         n, _, w, channels = x.shape
         (kh, _), (sh, _) = self.pool_size, self.strides
@@ -430,11 +479,17 @@ class MaxPoolStep(Step):
                  for tile in tiles]
         tile_images, tile_rows = max(_extent(tile) for tile in tiles)
         rows_in = (tile_rows - 1) * sh + kh
-        x_tile = xp.empty((tile_images, rows_in, w + sum(pads[1]), channels), dtype=x.dtype)
-        row_max = xp.empty((tile_images, rows_in, out_w, channels), dtype=x.dtype)
-        for images, top, bottom in tiles:
+        scratch = [(xp.empty((tile_images, rows_in, w + sum(pads[1]), channels), dtype=x.dtype),
+                    xp.empty((tile_images, rows_in, out_w, channels), dtype=x.dtype))
+                   for _ in range(min(workers.threads, len(tiles)))]
+
+        def pool_tile(tile, slot):
+            images, top, bottom = tile
+            x_tile, row_max = scratch[slot]
             padded = gather_rows(x, images, top, bottom, kh, sh, pads, x_tile, fill=-np.inf)
             max_pool_tile(padded, self.pool_size, self.strides, y[images, top:bottom], row_max)
+
+        workers.each(pool_tile, tiles)
         return y
 
 
@@ -445,7 +500,7 @@ class ReluStep(Step):
         super().__init__([layer.name], inputs, layer.name)
         self.in_place = in_place
 
-    def run(self, x, buffers):
+    def run(self, x, buffers, workers):
         xp = get_array_module(x)
         zeros = xp.zeros(x.shape[-2:], dtype=x.dtype)            # see along_width: faster than 0
         return xp.maximum(x, zeros, out=x if self.in_place else None)
@@ -461,7 +516,7 @@ class AddStep(Step):
         super().__init__([layer.name], inputs, layer.name)
         self.in_place = in_place
 
-    def run(self, a, b, buffers):
+    def run(self, a, b, buffers, workers):
         if a.shape != b.shape:
             raise ValueError(f"layer {self.output!r} adds tensors of shapes {a.shape} and {b.shape}")
         xp = get_array_module(a)
@@ -478,8 +533,8 @@ class LayerStep(Step):
         super().__init__([layer.name], inputs, layer.name)
         self.layer = layer
 
-    def run(self, *arrays_and_buffers):
-        return self.layer.forward(*arrays_and_buffers[:-1], training=False)
+    def run(self, *arrays_buffers_workers):
+        return self.layer.forward(*arrays_buffers_workers[:-2], training=False)
 
 
 # -- planning -------------------------------------------------------------------------------------
@@ -579,24 +634,27 @@ def single_threaded_blas():
 class InferenceEngine:
     """A model's inference forward pass, planned into fused steps (see the module docstring).
 
-    model: a built ``Model``. threads: how many threads share a NumPy batch. Each takes a
-    contiguous share of the images and runs every step on it with its own buffers, while
-    the BLAS library is held to one thread: on a few cores that beats one thread driving
-    a multi-threaded BLAS, because the element-wise work (NumPy runs it on the calling
-    thread) then overlaps with matrix products instead of leaving cores idle, and no matrix
-    product waits for a core that another process has taken. Default: one per usable core
-    when threadpoolctl is installed (it is what holds BLAS to one thread), else 1, which
-    runs the batch on the calling thread with BLAS's own threads. A batch of one image, or
-    GPU arrays, always run on the calling thread.
+    model: a built ``Model``. threads: how many threads run a NumPy batch, while the BLAS
+    library is held to one thread. With at least as many images as threads, each thread
+    takes a contiguous share of the batch and runs every step on it with buffers of its
+    own; with fewer (one photo), the threads share each step's blocks of rows. On a few
+    cores this beats one thread driving a multi-threaded BLAS: the element-wise work, which
+    NumPy runs on the calling thread, no longer leaves the other cores idle, and no matrix
+    product stalls waiting for a core that another process has taken (on a busy machine a
+    multi-threaded BLAS can run several times slower than a single-threaded one).
+
+    Default: one thread per usable core when threadpoolctl is installed (it is what holds
+    BLAS to one thread), else 1: the calling thread, with BLAS's own threads. GPU arrays
+    always run on the calling thread.
     """
 
     def __init__(self, model, threads=None):
         self.model = model
         if threads is None:
             threads = _usable_cores() if ThreadpoolController is not None else 1
-        self.threads = max(1, int(threads))
+        self.workers = Workers(int(threads))
+        self.threads = self.workers.threads
         self.buffers = [BufferPool() for _ in range(self.threads)]        # one pool per thread
-        self._executor = ThreadPoolExecutor(self.threads) if self.threads > 1 else None
         self._plans = {}
         self.steps = self._plan(())
 
@@ -616,21 +674,28 @@ class InferenceEngine:
         if unknown:
             raise KeyError(f"model {model.name!r} has no layers named {sorted(unknown)}")
         steps = self._plan(wanted)
-        shares = [share for share in np.array_split(np.arange(len(x)), self.threads) if len(share)]
         with no_grad():                        # here, not in the threads: the switch is global
-            if len(shares) == 1 or get_array_module(x) is not np:
-                y, captured = self._run(steps, x, wanted, self.buffers[0])
-            else:
+            if self.threads == 1 or get_array_module(x) is not np:
+                y, captured = self._run(steps, x, wanted, self.buffers[0], ONE_THREAD)
+            elif len(x) < self.threads:        # too few images to go round: share the blocks
                 with single_threaded_blas() or contextlib.nullcontext():
-                    results = list(self._executor.map(
-                        lambda i: self._run(steps, x[shares[i][0]:shares[i][-1] + 1], wanted, self.buffers[i]),
-                        range(len(shares))))
+                    y, captured = self._run(steps, x, wanted, self.buffers[0], self.workers)
+            else:
+                shares = np.array_split(np.arange(len(x)), self.threads)
+                results = [None] * len(shares)
+
+                def run_share(index_and_share, slot):
+                    index, share = index_and_share
+                    results[index] = self._run(steps, x[share[0]:share[-1] + 1], wanted, self.buffers[slot],
+                                               ONE_THREAD)
+                with single_threaded_blas() or contextlib.nullcontext():
+                    self.workers.each(run_share, list(enumerate(shares)))
                 y = np.concatenate([share_y for share_y, _ in results])
                 captured = {name: np.concatenate([share[name] for _, share in results]) for name in wanted}
         return y if capture is None else (y, captured)
 
     @staticmethod
-    def _run(steps, x, wanted, buffers):
+    def _run(steps, x, wanted, buffers, workers):
         """Run the steps on x; returns (output, {wanted name: its output})."""
         last_use = {}
         for position, step in enumerate(steps):
@@ -638,7 +703,7 @@ class InferenceEngine:
                 last_use[name] = position
         tensors = {'input': x}
         for position, step in enumerate(steps):
-            output = step.run(*(tensors[name] for name in step.inputs), buffers)
+            output = step.run(*(tensors[name] for name in step.inputs), buffers, workers)
             tensors[step.output] = output
             for name in step.inputs:
                 if last_use[name] == position and name not in wanted and name != 'input':

@@ -3,9 +3,9 @@
 Every fused step is compared with the plain layers' forward pass on the same weights:
 random kernels *and* random batch-norm statistics (so that folding is exercised), odd and
 even sizes, tiles forced tiny so that tile edges, halo rows and tiles of several images
-are all crossed, and batches split over 1 to 3 threads. Agreement: max|a - b| / max|b|
-<= 1e-5 (float32 rounding of a different summation order); max pooling must agree
-exactly. Also: nothing is overwritten that is still read (the residual's input, the
+are all crossed, and the work shared between threads (by images or by blocks of rows).
+Agreement: max|a - b| / max|b| <= 1e-5 (float32 rounding of a different summation order);
+max pooling must agree exactly. Also: nothing is overwritten that is still read (the residual's input, the
 caller's array, captured or returned outputs), and buffers are reused between batches.
 """
 import numpy as np
@@ -29,13 +29,16 @@ def use_tiles(monkeypatch, tile_bytes):
     monkeypatch.setattr(fast, 'BLOCK_BYTES', 3 * tile_bytes)
 
 
-@pytest.fixture(params=['default tiles', 'tiny tiles'])
-def tiles(request, monkeypatch):
-    """Run once with the engine's tile sizes and once with tiles of a few rows, so that even
-    small test inputs are cut into many tiles and blocks."""
-    if request.param == 'tiny tiles':
+@pytest.fixture(params=['default tiles, one thread', 'tiny tiles, four threads'])
+def threads(request, monkeypatch):
+    """Run once with the engine's tile sizes on one thread, and once with tiles of a few rows
+    shared out between four threads (more than the test batches have images, so the threads
+    share each step's blocks), so that even small inputs cross many tiles and blocks.
+    Returns the number of threads to give the engine."""
+    if request.param.startswith('tiny'):
         use_tiles(monkeypatch, 2 * 1024)
-    return request.param
+        return 4
+    return 1
 
 
 def randomise(model, rng):
@@ -82,16 +85,18 @@ def assert_matches_plain(model, x, capture=None, threads=1):
 
 # -- Xception, whole ----------------------------------------------------------------------------
 
-@pytest.mark.parametrize('side, include_top, pooling, tile_kb, threads', [
-    (71, True, None, None, 1), (80, False, 'max', 16, 2), (75, False, None, 4, 3)])
-def test_xception_matches_plain(xp, monkeypatch, rng, side, include_top, pooling, tile_kb, threads):
-    """Threads split the batch of 3 into shares of 2 + 1 and 1 + 1 + 1."""
+@pytest.mark.parametrize('side, include_top, pooling, tile_kb, threads, batch', [
+    (71, True, None, None, 1, 3), (80, False, 'max', 16, 2, 3), (75, False, None, 4, 3, 3),
+    (72, False, 'avg', 8, 2, 1)])
+def test_xception_matches_plain(xp, monkeypatch, rng, side, include_top, pooling, tile_kb, threads, batch):
+    """Threads split a batch of 3 into shares of 2 + 1 or 1 + 1 + 1, or share out the blocks
+    of each step of a batch of 1."""
     if tile_kb is not None:
         use_tiles(monkeypatch, tile_kb * 1024)
     model = minixcept.Xception(include_top=include_top, input_shape=(side, side, 3), pooling=pooling,
                                classes=5, middle_blocks=1)
     randomise(model, rng)
-    assert_matches_plain(model, random_input(xp, rng, (3, side, side, 3)), threads=threads)
+    assert_matches_plain(model, random_input(xp, rng, (batch, side, side, 3)), threads=threads)
 
 
 def test_xception_capture_matches_plain(xp, rng):
@@ -128,49 +133,49 @@ def test_xception_plan_folds_and_fuses():
 
 @pytest.mark.parametrize('side', [9, 10])
 @pytest.mark.parametrize('strides, padding', [(1, 'same'), (2, 'same'), (1, 'valid'), (2, 'valid')])
-def test_separable_steps(xp, tiles, rng, side, strides, padding):
+def test_separable_steps(xp, threads, rng, side, strides, padding):
     """ReLU -> SeparableConv2D (with bias) -> BN -> ReLU, and the same without the extras."""
     fused = chain((side, side, 6), L.ReLU(), L.SeparableConv2D(7, 3, strides, padding), L.BatchNormalization(),
                   L.ReLU())
     bare = chain((side, side, 6), L.SeparableConv2D(5, 3, strides, padding, use_bias=False))
     for model in (fused, bare):
         randomise(model, rng)
-        assert_matches_plain(model, random_input(xp, rng, (3, side, side, 6)))
+        assert_matches_plain(model, random_input(xp, rng, (3, side, side, 6)), threads=threads)
 
 
 @pytest.mark.parametrize('side', [9, 10])
 @pytest.mark.parametrize('kernel_size, strides, padding', [(3, 2, 'valid'), (3, 1, 'valid'), (1, 2, 'same'),
                                                            (3, 1, 'same'), (5, 2, 'same')])
-def test_convolution_steps(xp, tiles, rng, side, kernel_size, strides, padding):
+def test_convolution_steps(xp, threads, rng, side, kernel_size, strides, padding):
     """Conv2D (im2col) -> BN -> ReLU as block 1 has it, the 1x1 stride-2 shortcut, and more."""
     model = chain((side, side, 4), L.Conv2D(6, kernel_size, strides, padding), L.BatchNormalization(), L.ReLU())
     randomise(model, rng)
-    assert_matches_plain(model, random_input(xp, rng, (3, side, side, 4)))
+    assert_matches_plain(model, random_input(xp, rng, (3, side, side, 4)), threads=threads)
 
 
 @pytest.mark.parametrize('strides, padding', [(1, 'same'), (2, 'same'), (2, 'valid')])
-def test_lone_depthwise_and_pointwise_steps(xp, tiles, rng, strides, padding):
+def test_lone_depthwise_and_pointwise_steps(xp, threads, rng, strides, padding):
     model = chain((11, 11, 5), L.ReLU(), L.DepthwiseConv2D(3, strides, padding), L.BatchNormalization(),
                   L.ReLU(), L.PointwiseConv2D(4, use_bias=True), L.BatchNormalization())
     randomise(model, rng)
-    assert_matches_plain(model, random_input(xp, rng, (2, 11, 11, 5)))
+    assert_matches_plain(model, random_input(xp, rng, (2, 11, 11, 5)), threads=threads)
 
 
 @pytest.mark.parametrize('side', [9, 10, 11])
 @pytest.mark.parametrize('pool_size, strides, padding', [(3, 2, 'same'), (2, None, 'valid'), (3, 1, 'same'),
                                                          (3, 2, 'valid')])
-def test_max_pool_step_is_exact(xp, tiles, rng, side, pool_size, strides, padding):
+def test_max_pool_step_is_exact(xp, threads, rng, side, pool_size, strides, padding):
     """Max pooling involves no rounding: the two 1-D passes must give the plain layer's values
     exactly, ties (small integers) and all-negative windows (the -inf padding) included."""
     model = chain((side, side, 3), L.MaxPooling2D(pool_size, strides, padding))
     x = xp.asarray(rng.integers(-4, 2, (2, side, side, 3)).astype(np.float32))
     expected = plain_forward(model, x)
-    got = InferenceEngine(model)(x)
+    got = InferenceEngine(model, threads=threads)(x)
     assert got.shape == expected.shape
     assert bool((got == expected).all())
 
 
-def test_residual_graph_in_place_only_where_safe(xp, tiles, rng):
+def test_residual_graph_in_place_only_where_safe(xp, threads, rng):
     """A tensor read twice is never overwritten: the ReLU and add in place are taken only
     where nothing reads their input later, and the caller's array is never written."""
     model = Model((8, 8, 4))
@@ -187,8 +192,8 @@ def test_residual_graph_in_place_only_where_safe(xp, tiles, rng):
     randomise(model, rng)
     x = random_input(xp, rng, (2, 8, 8, 4))
     x_before = x.copy()
-    assert_matches_plain(model, x)
-    assert_matches_plain(model, x, capture=[a, b, total])
+    assert_matches_plain(model, x, threads=threads)
+    assert_matches_plain(model, x, capture=[a, b, total], threads=threads)
     assert bool((x == x_before).all())
     steps = {step.output: step for step in InferenceEngine(model).steps}
     assert steps[total].in_place and not steps[relu].in_place and not steps[input_relu].in_place
