@@ -37,6 +37,12 @@ second through it (the fast inference engine), a training step of block 14 and t
 a few hundredths. Without augmentation its output is
 computed once per photo and the epochs are quick; with augmentation every epoch pays for
 it again. On a GPU (``--backend cupy``) the whole network can train (``--train-from block1``).
+
+What it gave on the shared cats and dogs (2,000 training and 1,974 validation photos, 299 px,
+block 14 and the head, SGD 1e-4, batch 16, 3 augmented epochs, 2 shared CPU cores, about
+30 minutes each): starting from the bottleneck head's 99.14% (val_loss 0.0247), batch
+statistics dropped to 98.63% after the first epoch and climbed back to 98.99% (0.0316) by the
+third; ``--bn-statistics moving`` held 99.14% (0.0246). The write-up trained for 50 epochs.
 """
 import argparse
 import dataclasses
