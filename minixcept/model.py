@@ -132,9 +132,10 @@ class Model:
         """Inference in batches, keeping no caches; returns a NumPy array.
 
         fast: run the inference engine of ``minixcept.fast`` (batch-norm folded into the
-        convolutions, ReLU fused, work in cache-sized tiles), which agrees with the layers
-        to float32 rounding and is several times quicker on the CPU. ``fast=False`` runs the
-        plain layers one by one, as ``forward`` does.
+        convolutions, ReLU fused, work in cache-sized tiles, one thread per core), which
+        agrees with the layers to float32 rounding and runs Xception about 2.5 times as fast
+        on a 2-core CPU (benchmarks/RESULTS.md). ``fast=False`` runs the plain layers one by
+        one, as ``forward`` does.
         """
         run = InferenceEngine(self) if fast else (lambda batch: self.forward(batch, training=False))
         outputs = []
