@@ -65,6 +65,17 @@ def catdog():
     return CATDOG
 
 
+@pytest.fixture(params=['stored', 'live'])
+def expected(request):
+    """expected(case_id) -> (inputs, Keras results) of a layer, head or loss case from
+    tests/reference/make_layers.py: read from its .npz fixture, or computed by Keras now."""
+    from reference import make_layers
+    live = request.param == 'live'
+    if live:
+        request.getfixturevalue('tf')            # skips, or fails in CI, without TensorFlow
+    return lambda case_id: make_layers.expected(case_id, live=live)
+
+
 @pytest.fixture
 def rng():
     return np.random.default_rng(1234)

@@ -29,15 +29,6 @@ FORWARD_TOLERANCE = 2e-5
 GRADIENT_TOLERANCE = 5e-5
 
 
-@pytest.fixture(params=['stored', 'live'])
-def expected(request):
-    """expected(case_id) -> (inputs, Keras results): from the .npz file, or from Keras now."""
-    live = request.param == 'live'
-    if live:
-        request.getfixturevalue('tf')            # skips, or fails in CI, without TensorFlow
-    return lambda case_id: make_layers.expected(case_id, live=live)
-
-
 def head_and_loss(head, inputs, keep):
     """The minixcept head with the stored weights, and its loss."""
     dropout = L.Dropout(head.rate)

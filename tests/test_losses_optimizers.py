@@ -24,15 +24,6 @@ GRADIENT_TOLERANCE = 5e-5
 LOSSES = {'binary': losses.BinaryCrossentropy, 'sparse': losses.SparseCategoricalCrossentropy}
 
 
-@pytest.fixture(params=['stored', 'live'])
-def expected(request):
-    """expected(case_id) -> (inputs, Keras results): from the .npz file, or from Keras now."""
-    live = request.param == 'live'
-    if live:
-        request.getfixturevalue('tf')            # skips, or fails in CI, without TensorFlow
-    return lambda case_id: make_layers.expected(case_id, live=live)
-
-
 def close(ours, reference, tolerance):
     """relative_error within tolerance. Where Keras gives exactly zero (a gradient the clip
     stopped, or a value below float32's smallest normal number, which TensorFlow flushes to
