@@ -1,0 +1,248 @@
+"""The training engine of minixcept.fastgrad against the plain layers it must match.
+
+Each fast layer pair (forward, backward) is compared with the layer's own ``_forward`` /
+``_backward`` on the same random weights and inputs, in float32, with tiles forced tiny so
+that tile edges and halo rows are crossed: outputs, input gradients and weight gradients
+within max|a - b| / max|b| <= 1e-5. The whole engine (threads sharing out the batch, the
+weight gradients added up) is compared with ``model.forward`` + ``model.backward`` on a small
+Xception in float64, within 1e-10: in float32 a different summation order can move a
+pre-activation across a ReLU's kink, and then the two backward passes legitimately differ
+(tests/test_xception_tf.py meets the same thing against TensorFlow).
+"""
+import copy
+
+import numpy as np
+import pytest
+
+import minixcept
+from conftest import relative_error
+from minixcept import fastgrad
+from minixcept import layers as L
+from minixcept.fastgrad import GradientEngine
+from test_fast_paths import chain, randomise, use_tiles
+
+TOLERANCE = 1e-5
+FLOAT64_TOLERANCE = 1e-10
+
+
+@pytest.fixture(params=['default tiles', 'tiny tiles'])
+def tiles(request, monkeypatch):
+    if request.param == 'tiny tiles':
+        use_tiles(monkeypatch, 2 * 1024)
+        monkeypatch.setattr(fastgrad, 'SUM_BYTES', 1024)
+
+
+def built(layer, input_shape, rng):
+    layer.build(input_shape)
+    if isinstance(layer, L.BatchNormalization):
+        c = input_shape[-1]
+        layer.set_weights([rng.uniform(0.5, 1.5, c), rng.normal(0, 0.2, c),
+                           rng.normal(0, 0.2, c), rng.uniform(0.5, 1.5, c)])
+    else:
+        layer.set_weights([rng.normal(0, 0.3, w.shape) for w in layer.get_weights()])
+    return layer
+
+
+def assert_pair_matches_plain(layer, forward, backward, x, rng, training=False):
+    """The fast pair against the layer's own pair: output, input gradient, weight gradients."""
+    expected_y, cache = layer._forward(x, training)
+    dy = rng.standard_normal(expected_y.shape).astype(x.dtype)
+    expected_dx, expected_grads = layer._backward(dy, cache)
+    result = forward(layer, x, training)
+    assert result is not None, f'the fast path does not take {layer}'
+    y, fast_cache = result
+    dx, grads = backward(layer, dy, fast_cache)
+    assert y.shape == expected_y.shape and dx.shape == x.shape
+    assert relative_error(y, expected_y) <= TOLERANCE
+    assert relative_error(dx, expected_dx) <= TOLERANCE
+    assert set(grads) == set(expected_grads)
+    for name in grads:
+        assert grads[name].shape == expected_grads[name].shape
+        assert relative_error(grads[name], expected_grads[name]) <= TOLERANCE, name
+
+
+# -- one layer at a time --------------------------------------------------------------------------
+
+@pytest.mark.parametrize('side', [9, 10])
+@pytest.mark.parametrize('kernel_size, padding, use_bias', [(3, 'same', False), (3, 'valid', True),
+                                                            (5, 'same', True), (2, 'same', False)])
+def test_separable_matches_plain(tiles, rng, side, kernel_size, padding, use_bias):
+    """Stride 1, odd and even kernels (an even 'same' kernel pads unevenly, so the backward
+    padding differs from the forward one), with and without bias."""
+    layer = built(L.SeparableConv2D(6, kernel_size, padding=padding, use_bias=use_bias), (3, side, side, 5), rng)
+    x = rng.standard_normal((3, side, side, 5)).astype(np.float32)
+    assert_pair_matches_plain(layer, fastgrad.separable_forward, fastgrad.separable_backward, x, rng)
+
+
+def test_separable_with_stride_is_left_to_the_layer(rng):
+    layer = built(L.SeparableConv2D(4, 3, strides=2, padding='same'), (1, 8, 8, 3), rng)
+    assert fastgrad.separable_forward(layer, np.zeros((1, 8, 8, 3), np.float32), False) is None
+
+
+@pytest.mark.parametrize('side', [9, 10])
+@pytest.mark.parametrize('kernel_size, strides, padding, use_bias', [
+    (3, 2, 'valid', False), (3, 1, 'valid', True), (3, 1, 'same', False), (1, 2, 'same', False),
+    (2, 1, 'same', True), (3, 2, 'same', True), (1, 1, 'valid', False)])
+def test_convolution_matches_plain(tiles, rng, side, kernel_size, strides, padding, use_bias):
+    """Xception's stem (3x3 stride 2 valid, 3x3 stride 1 valid) and shortcuts (1x1 stride 2),
+    and the cases around them: 'same' padding, even kernels, bias."""
+    layer = built(L.Conv2D(6, kernel_size, strides=strides, padding=padding, use_bias=use_bias),
+                  (2, side, side, 4), rng)
+    x = rng.standard_normal((2, side, side, 4)).astype(np.float32)
+    assert_pair_matches_plain(layer, fastgrad.conv_forward, fastgrad.conv_backward, x, rng)
+
+
+@pytest.mark.parametrize('training, trainable', [(False, True), (True, False)])
+def test_batch_norm_on_moving_statistics_matches_plain(tiles, rng, training, trainable):
+    """At inference, and when training with a frozen batch-norm (which uses its moving statistics)."""
+    layer = built(L.BatchNormalization(), (3, 7, 6, 5), rng)
+    layer.trainable = trainable
+    x = rng.normal(0.3, 2.0, (3, 7, 6, 5)).astype(np.float32)
+    assert_pair_matches_plain(layer, fastgrad.batch_norm_forward, fastgrad.batch_norm_backward, x, rng,
+                              training=training)
+
+
+def test_batch_norm_on_batch_statistics_is_left_to_the_layer(rng):
+    layer = built(L.BatchNormalization(), (3, 7, 6, 5), rng)
+    assert fastgrad.batch_norm_forward(layer, np.ones((3, 7, 6, 5), np.float32), True) is None
+
+
+def test_depthwise_helpers_against_a_naive_loop(rng):
+    """depthwise_rows and depthwise_kernel_gradient on uneven padding, element by element."""
+    x = rng.standard_normal((2, 6, 5, 3))
+    dz = rng.standard_normal((2, 6, 4, 3))                   # kernel 2x3, pads (1, 0) rows, (0, 1) cols
+    kernel = rng.standard_normal((2, 3, 3))
+    pads = ((1, 0), (0, 1))
+    x_pad = np.pad(x, ((0, 0), (1, 0), (0, 1), (0, 0)))
+    expected = np.zeros_like(dz)
+    expected_dk = np.zeros_like(kernel)
+    for i in range(6):
+        for j in range(4):
+            expected[:, i, j] = (x_pad[:, i:i + 2, j:j + 3] * kernel).sum(axis=(1, 2))
+            expected_dk += np.einsum('npqc,nc->pqc', x_pad[:, i:i + 2, j:j + 3], dz[:, i, j])
+    got = fastgrad.depthwise_rows(x, kernel, pads, np.empty_like(dz))
+    np.testing.assert_allclose(got, expected, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(fastgrad.depthwise_kernel_gradient(x, dz, (2, 3), pads), expected_dk,
+                               rtol=1e-12, atol=1e-12)
+
+
+# -- the engine -----------------------------------------------------------------------------------
+
+def float64_xception(rng, side=71):
+    model = randomise(minixcept.Xception(include_top=False, input_shape=(side, side, 3), pooling='avg',
+                                         middle_blocks=1), rng)
+    for layer in model.layers:
+        layer.astype('float64')
+    return model
+
+
+def run_plain(model, x, dy, training):
+    y = model.forward(x, training=training)
+    dx = model.backward(dy)
+    return y, dx, {layer.name: dict(layer.grads) for layer in model.layers}
+
+
+def run_engine(model, x, dy, training, threads):
+    engine = GradientEngine(model, threads=threads)
+    y = engine.forward(x, training=training)
+    dx = engine.backward(dy)
+    return y, dx, {layer.name: dict(layer.grads) for layer in model.layers}
+
+
+def assert_same_pass(got, expected, tolerance):
+    (y, dx, grads), (expected_y, expected_dx, expected_grads) = got, expected
+    assert relative_error(y, expected_y) <= tolerance
+    assert relative_error(dx, expected_dx) <= tolerance
+    assert grads.keys() == expected_grads.keys()
+    for layer, layer_grads in expected_grads.items():
+        assert grads[layer].keys() == layer_grads.keys(), layer
+        for name, expected_grad in layer_grads.items():
+            assert relative_error(grads[layer][name], expected_grad) <= tolerance, (layer, name)
+
+
+@pytest.mark.parametrize('threads, batch', [(1, 2), (2, 3), (3, 3)])
+def test_xception_engine_matches_plain_at_inference_statistics(monkeypatch, rng, threads, batch):
+    """Batch-norm on its moving statistics (as when fine-tuning a pretrained base): the batch is
+    shared out between the threads (2 + 1, or 1 + 1 + 1) and the weight gradients added up."""
+    use_tiles(monkeypatch, 8 * 1024)
+    model = float64_xception(rng)
+    x = rng.uniform(-1, 1, (batch, 71, 71, 3))
+    dy = rng.standard_normal((batch, 2048))
+    expected = run_plain(model, x, dy, training=False)
+    assert_same_pass(run_engine(model, x, dy, False, threads), expected, FLOAT64_TOLERANCE)
+
+
+def test_xception_engine_matches_plain_with_batch_statistics(rng):
+    """Training with batch statistics couples the examples: one share, the batch-norms on their
+    own pair, and the moving statistics move exactly as in the plain pass."""
+    model = float64_xception(rng)
+    twin = copy.deepcopy(model)
+    x = rng.uniform(-1, 1, (3, 71, 71, 3))
+    dy = rng.standard_normal((3, 2048))
+    expected = run_plain(model, x, dy, training=True)
+    engine = GradientEngine(twin, threads=2)
+    assert len(engine._share_slices(x, training=True)) == 1
+    got_y = engine.forward(x, training=True)
+    got = (got_y, engine.backward(dy), {layer.name: dict(layer.grads) for layer in twin.layers})
+    assert_same_pass(got, expected, FLOAT64_TOLERANCE)
+    for layer, twin_layer in zip(model.layers, twin.layers):
+        for name in layer.params:
+            np.testing.assert_allclose(twin_layer.params[name], layer.params[name], rtol=1e-12, atol=0)
+
+
+def test_float32_xception_engine_matches_plain_output(rng):
+    """In float32 the forward output agrees within float32 rounding (see the module docstring
+    for why the backward pass is compared in float64)."""
+    model = randomise(minixcept.Xception(include_top=False, input_shape=(71, 71, 3), pooling='avg',
+                                         middle_blocks=1), rng)
+    x = rng.uniform(-1, 1, (2, 71, 71, 3)).astype(np.float32)
+    expected = model.forward(x)
+    got = GradientEngine(model, threads=2).forward(x)
+    assert got.dtype == np.float32
+    assert relative_error(got, expected) <= TOLERANCE
+
+
+def test_couples_examples(rng):
+    """Shares only where no layer couples the batch: frozen batch-norms and dropout at
+    inference do not, trainable batch-norms and active dropout in training do."""
+    model = chain((6, 6, 3), L.Conv2D(4, 3), L.BatchNormalization(), L.ReLU(), L.GlobalAveragePooling2D(),
+                  L.Dropout(0.0), L.Dense(2))
+    engine = GradientEngine(model, threads=2)
+    x = np.zeros((4, 6, 6, 3), np.float32)
+    assert not engine.couples_examples(training=False)
+    assert engine.couples_examples(training=True)
+    assert len(engine._share_slices(x, training=True)) == 1
+    model.layers[1].trainable = False
+    assert not engine.couples_examples(training=True)
+    assert len(engine._share_slices(x, training=True)) == 2
+    assert len(engine._share_slices(x[:1], training=True)) == 1          # fewer examples than threads
+    model.layers[4].rate = 0.5
+    assert engine.couples_examples(training=True)
+
+
+def test_dropout_in_training_matches_plain(rng):
+    """A head with active dropout runs as one share and draws the same masks as the plain pass."""
+    head = minixcept.Sequential([L.Dense(8, activation='relu'), L.Dropout(0.5), L.Dense(3)], input_shape=(5,))
+    x = rng.standard_normal((6, 5)).astype(np.float32)
+    dy = rng.standard_normal((6, 3)).astype(np.float32)
+    minixcept.set_seed(7)
+    expected = run_plain(head, x, dy, training=True)
+    minixcept.set_seed(7)
+    assert_same_pass(run_engine(head, x, dy, True, threads=2), expected, TOLERANCE)
+
+
+def test_backward_needs_a_forward_first(rng):
+    model = chain((6, 6, 3), L.Conv2D(4, 3), L.ReLU())
+    engine = GradientEngine(model)
+    with pytest.raises(RuntimeError, match='forward'):
+        engine.backward(np.zeros((1, 4, 4, 4), np.float32))
+    engine.forward(np.zeros((1, 6, 6, 3), np.float32))
+    engine.backward(np.zeros((1, 4, 4, 4), np.float32))
+    with pytest.raises(RuntimeError, match='forward'):               # the caches are spent
+        engine.backward(np.zeros((1, 4, 4, 4), np.float32))
+
+
+def test_wrong_input_shape_is_named(rng):
+    model = chain((6, 6, 3), L.Conv2D(4, 3))
+    with pytest.raises(minixcept.ShapeError, match=r'\(N, 6, 6, 3\)'):
+        GradientEngine(model).forward(np.zeros((1, 5, 6, 3), np.float32))
