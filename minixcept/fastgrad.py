@@ -2,7 +2,7 @@
 
 ``minixcept.fast`` speeds up inference; this module does the same for the pass that
 training needs, where every layer must keep what its backward step reads and every
-weight gets a gradient. The mathematics is the layers' own; tests/test_fast_paths.py
+weight gets a gradient. The mathematics is the layers' own; tests/test_fastgrad.py
 checks the outputs, the input gradient and every weight's gradient against
 ``model.forward`` + ``model.backward``. What changes:
 
@@ -25,8 +25,12 @@ checks the outputs, the input gradient and every weight's gradient against
   where dz_pad is dz padded by (kh-1-top, kh-1-bottom) rows and (kw-1-left, kw-1-right)
   columns, and the kernel gradient sums, tile by tile, the products of each shifted
   input window with dz.
-- **Batch-norm on moving statistics in single passes** over rows repeated along W (see
-  ``fast.along_width``), its gamma gradient summed block by block while in cache.
+- **Batch-norm on moving statistics folded into the convolution before it**, forward and
+  backward (see ``FoldedBatchNorm``): one matrix product gives the batch-norm's output, and
+  the product that gives the kernel gradient also gives gamma's. A batch-norm that cannot
+  fold runs in single passes over rows repeated along W (see ``fast.along_width``).
+- **Full convolutions as im2col a block of rows at a time** and one matrix product per
+  block, and **max pooling tile by tile**, each tile through the plain layer's own code.
 
 Every other layer (and every layer on a GPU) runs its own ``_forward`` / ``_backward``.
 
@@ -41,7 +45,8 @@ import numpy as np
 
 from .fast import (ThreadpoolController, Workers, _extent, _usable_cores, along_width, depthwise_tile, gather_rows,
                    im2col_tile, plan_blocks, single_threaded_blas)
-from .layers import Add, BatchNormalization, Conv2D, Dropout, SeparableConv2D
+from .layers import Add, BatchNormalization, Conv2D, Dropout, MaxPooling2D, SeparableConv2D
+from .layers.pooling import max_pool2d_backward, max_pool2d_forward
 from .padding import window, window_geometry
 
 # Batch-norm's gamma gradient is summed over pieces of about this many bytes of x and dy.
@@ -101,6 +106,8 @@ def backward_pads(kernel_size, pads):
     return (kh - 1 - top, kh - 1 - bottom), (kw - 1 - left, kw - 1 - right)
 
 
+# -- the fast layers: (y, cache) = forward(layer, x, training); (dx, {name: grads}) = backward(layer, dy, cache)
+
 # -- full convolution: im2col a block at a time ---------------------------------------------------
 
 def im2col_blocks(x, kernel_size, strides, pads, out_hw):
@@ -144,73 +151,129 @@ def conv_kernel_gradient(x, dy, kernel_shape, strides, pads):
     return dkernel.reshape(kernel_shape)
 
 
-def conv_forward(layer, x, training):
-    """Conv2D through ``conv_rows``; keeps only x, as the plain layer does."""
-    p = layer.params
+class FoldedBatchNorm:
+    """A batch-norm on its moving statistics, folded into the convolution before it.
+
+    With u = columns @ K + b the convolution's output (columns: im2col rows, or the depthwise
+    output of a separable convolution) and scale = gamma * inv_std, the batch-norm's output
+
+        y = (u - mean) * scale + beta = columns @ (K * scale) + (b - mean) * scale + beta
+
+    is one matrix product with a folded kernel and bias, and u is never stored. Backward,
+    with dy the gradient of y and G = columns.T @ dy (the product the kernel gradient needs
+    anyway):
+
+        dcolumns = dy @ (K * scale).T        dK = G * scale        db = sum(dy) * scale
+        dbeta = sum(dy)                      dgamma = sum(dy * (u - mean)) * inv_std
+                                                    = (sum over rows of K * G + (b - mean) * dbeta) * inv_std
+
+    since sum(dy * u) = sum(dy * (columns @ K)) + b * sum(dy) and sum over the rows of
+    dy * (columns @ K) is the column sum of K * G. So the batch-norm costs no pass of its own.
+    """
+
+    def __init__(self, layer):
+        p = layer.params
+        self.layer = layer
+        self.inv_std = 1.0 / np.sqrt(p['moving_variance'] + layer.epsilon)
+        self.scale = p['gamma'] * self.inv_std
+
+    def fold(self, matrix, bias):
+        """(K * scale, (b - mean) * scale + beta) for K: (K rows, C_out), b: (C_out,) or None."""
+        p = self.layer.params
+        shift = p['beta'] - p['moving_mean'] * self.scale
+        return matrix * self.scale, shift if bias is None else shift + bias * self.scale
+
+    def gradients(self, matrix, bias, g, dbeta):
+        """(dK, db or None, {'gamma', 'beta'}) from G = columns.T @ dy and dbeta = sum(dy)."""
+        offset = -self.layer.params['moving_mean'] if bias is None else bias - self.layer.params['moving_mean']
+        dgamma = ((matrix * g).sum(axis=0) + offset * dbeta) * self.inv_std
+        return (g * self.scale, None if bias is None else dbeta * self.scale,
+                {'gamma': dgamma, 'beta': dbeta})
+
+
+def _matrix_and_bias(kernel, bias, bn):
+    """The kernel as a (rows, C_out) matrix and the bias, folded with ``bn`` when given."""
+    matrix = kernel.reshape(-1, kernel.shape[-1])
+    return bn.fold(matrix, bias) if bn is not None else (matrix, bias)
+
+
+def _parameter_gradients(layer, kernel, bias, g, dy, bn, *leading):
+    """{layer name: grads[, batch-norm name: grads]} from G = columns.T @ dy; ``leading`` are
+    the gradients of the layer's weights that come before its kernel (a depthwise kernel)."""
+    dbeta = dy.sum(axis=(0, 1, 2))
+    if bn is None:
+        return {layer.name: layer.named(*leading, g.reshape(kernel.shape), dbeta if bias is not None else None)}
+    dmatrix, dbias, bn_grads = bn.gradients(kernel.reshape(g.shape), bias, g, dbeta)
+    return {layer.name: layer.named(*leading, dmatrix.reshape(kernel.shape), dbias), bn.layer.name: bn_grads}
+
+
+def conv_forward(layer, x, training, bn=None):
+    """Conv2D [+ folded batch-norm] through ``conv_rows``; keeps only x, as the plain layer does."""
+    kernel = layer.params['kernel']
+    matrix, bias = _matrix_and_bias(kernel, layer.params.get('bias'), bn)
     (out_h, out_w), pads = window_geometry(x.shape[1:3], layer.kernel_size, layer.strides, layer.padding)
-    y = conv_rows(x, p['kernel'], layer.strides, pads,
-                  np.empty((x.shape[0], out_h, out_w, p['kernel'].shape[3]), x.dtype))
-    if 'bias' in p:
-        y += along_width(p['bias'], out_w)
-    return y, (x, pads)
+    y = conv_rows(x, matrix.reshape(kernel.shape), layer.strides, pads,
+                  np.empty((x.shape[0], out_h, out_w, kernel.shape[3]), x.dtype))
+    if bias is not None:
+        y += along_width(bias, out_w)
+    return y, (x, pads, bn)
 
 
 def conv_backward(layer, dy, cache):
     """With stride 1, dx is the convolution of dy with the kernel turned 180 degrees and its
     channel axes swapped (the backward padding as for depthwise); with a larger stride each
     offset's share of dy @ kernel.T is added back through its strided window (col2im)."""
-    x, pads = cache
-    kernel = layer.params['kernel']
+    x, pads, bn = cache
+    kernel, bias = layer.params['kernel'], layer.params.get('bias')
     kh, kw, c_in, c_out = kernel.shape
+    matrix, _ = _matrix_and_bias(kernel, bias, bn)
     dy = np.ascontiguousarray(dy)
     if layer.strides == (1, 1):
-        turned = np.ascontiguousarray(kernel[::-1, ::-1].transpose(0, 1, 3, 2))       # (kh, kw, C_out, C_in)
+        turned = np.ascontiguousarray(matrix.reshape(kernel.shape)[::-1, ::-1].transpose(0, 1, 3, 2))
         dx = conv_rows(dy, turned, (1, 1), backward_pads((kh, kw), pads), np.empty_like(x))
     else:
         out_hw = dy.shape[1:3]
-        columns = (dy.reshape(-1, c_out) @ kernel.reshape(-1, c_out).T).reshape(dy.shape[:3] + (kh, kw, c_in))
+        columns = (dy.reshape(-1, c_out) @ matrix.T).reshape(dy.shape[:3] + (kh, kw, c_in))
         (top, bottom), (left, right) = pads
         dx_pad = np.zeros((x.shape[0], x.shape[1] + top + bottom, x.shape[2] + left + right, c_in), x.dtype)
         for p in range(kh):
             for q in range(kw):
                 window(dx_pad, p, q, out_hw, layer.strides)[...] += columns[:, :, :, p, q]
         dx = dx_pad[:, top:top + x.shape[1], left:left + x.shape[2]]
-    dkernel = conv_kernel_gradient(x, dy, kernel.shape, layer.strides, pads)
-    dbias = dy.sum(axis=(0, 1, 2)) if 'bias' in layer.params else None
-    return dx, layer.named(dkernel, dbias)
+    g = conv_kernel_gradient(x, dy, kernel.shape, layer.strides, pads).reshape(-1, c_out)
+    return dx, _parameter_gradients(layer, kernel, bias, g, dy, bn)
 
 
-# -- the fast layers: (y, cache) = forward(layer, x, training); (dx, grads) = backward(layer, dy, cache)
-
-def separable_forward(layer, x, training):
-    """SeparableConv2D with stride 1: depthwise tile by tile into z, then one matrix product.
-    Keeps x and z, as the plain layer does. None where it does not apply."""
+def separable_forward(layer, x, training, bn=None):
+    """SeparableConv2D [+ folded batch-norm] with stride 1: depthwise tile by tile into z, then
+    one matrix product. Keeps x and z, as the plain layer does. None where it does not apply."""
     if layer.strides != (1, 1):
         return None
     p = layer.params
     n, _, _, c_in = x.shape
     (out_h, out_w), pads = window_geometry(x.shape[1:3], layer.kernel_size, (1, 1), layer.padding)
     z = depthwise_rows(x, p['depthwise_kernel'][:, :, :, 0], pads, np.empty((n, out_h, out_w, c_in), x.dtype))
-    kernel = p['pointwise_kernel'].reshape(c_in, -1)                          # (C_in, C_out)
-    y = (z.reshape(-1, c_in) @ kernel).reshape(n, out_h, out_w, -1)
-    if 'bias' in p:
-        y += along_width(p['bias'], out_w)
-    return y, (x, z, pads)
+    matrix, bias = _matrix_and_bias(p['pointwise_kernel'], p.get('bias'), bn)   # (C_in, C_out)
+    y = (z.reshape(-1, c_in) @ matrix).reshape(n, out_h, out_w, -1)
+    if bias is not None:
+        y += along_width(bias, out_w)
+    return y, (x, z, pads, bn)
 
 
 def separable_backward(layer, dy, cache):
-    x, z, pads = cache
+    """The pointwise half as two matrix products, then the depthwise half tile by tile."""
+    x, z, pads, bn = cache
     p = layer.params
-    c_in = x.shape[-1]
-    kernel = p['pointwise_kernel'].reshape(c_in, -1)
-    dy_rows = np.ascontiguousarray(dy).reshape(-1, kernel.shape[1])           # (N*H*W, C_out)
-    dz = (dy_rows @ kernel.T).reshape(z.shape)                                # (N, H, W, C_in)
-    dpointwise = (z.reshape(-1, c_in).T @ dy_rows).reshape(p['pointwise_kernel'].shape)
-    dbias = dy_rows.sum(axis=0) if 'bias' in p else None
-    ddepthwise = depthwise_kernel_gradient(x, dz, layer.kernel_size, pads)
+    kernel, bias = p['pointwise_kernel'], p.get('bias')
+    matrix, _ = _matrix_and_bias(kernel, bias, bn)
+    dy = np.ascontiguousarray(dy)
+    dy_rows = dy.reshape(-1, matrix.shape[1])                                 # (N*H*W, C_out)
+    dz = (dy_rows @ matrix.T).reshape(z.shape)                                # (N, H, W, C_in)
+    g = z.reshape(-1, matrix.shape[0]).T @ dy_rows                            # (C_in, C_out)
+    ddepthwise = depthwise_kernel_gradient(x, dz, layer.kernel_size, pads)[..., None]
     turned = p['depthwise_kernel'][::-1, ::-1, :, 0]
     dx = depthwise_rows(dz, turned, backward_pads(layer.kernel_size, pads), np.empty_like(x))
-    return dx, layer.named(ddepthwise[..., None], dpointwise, dbias)
+    return dx, _parameter_gradients(layer, kernel, bias, g, dy, bn, ddepthwise)
 
 
 def batch_norm_forward(layer, x, training):
@@ -245,28 +308,96 @@ def batch_norm_backward(layer, dy, cache):
             piece = centred[:dy_piece.shape[0]]
             np.subtract(x[image, top:top + rows], mean_row, out=piece)
             dgamma += np.einsum('ijc,ijc->c', piece, dy_piece)
-    return dx, {'gamma': dgamma * inv_std, 'beta': dbeta}
+    return dx, {layer.name: {'gamma': dgamma * inv_std, 'beta': dbeta}}
+
+
+def max_pool_forward(layer, x, training):
+    """MaxPooling2D tile by tile: each tile of output rows gets its (-inf-)padded input rows,
+    and the plain layer's own forward runs on that tile with 'valid' padding, in cache. Keeps
+    the winning offsets (int8) for the whole output, as the plain layer does."""
+    n, _, width, channels = x.shape
+    (kh, _), (sh, _) = layer.pool_size, layer.strides
+    (out_h, out_w), pads = window_geometry(x.shape[1:3], layer.pool_size, layer.strides, layer.padding)
+    y = np.empty((n, out_h, out_w, channels), x.dtype)
+    argmax = np.empty(y.shape, np.int8)
+    tiles = _tiles(n, out_h, sh * width * channels * x.itemsize)
+    tile_images, tile_rows = max(_extent(tile) for tile in tiles)
+    x_tile = np.empty((tile_images, (tile_rows - 1) * sh + kh, width + sum(pads[1]), channels), x.dtype)
+    for images, top, bottom in tiles:
+        padded = gather_rows(x, images, top, bottom, kh, sh, pads, x_tile, fill=-np.inf)
+        y[images, top:bottom], (_, argmax[images, top:bottom], *_) = max_pool2d_forward(
+            padded, layer.pool_size, layer.strides, 'valid')
+    return y, (x.shape, argmax, pads)
+
+
+def max_pool_backward(layer, dy, cache):
+    """Each tile of dy goes back through the plain layer's backward into the padded rows its
+    windows covered; neighbouring tiles share a halo row, so their parts are added."""
+    x_shape, argmax, pads = cache
+    n, h, width, channels = x_shape
+    (kh, _), (sh, _) = layer.pool_size, layer.strides
+    (top_pad, bottom_pad), (left, right) = pads
+    dx_pad = np.zeros((n, h + top_pad + bottom_pad, width + left + right, channels), dy.dtype)
+    for images, top, bottom in _tiles(n, dy.shape[1], sh * width * channels * dy.itemsize):
+        rows_in = (bottom - top - 1) * sh + kh
+        tile_shape = (images.stop - images.start, rows_in, width + left + right, channels)
+        dx_pad[images, top * sh:top * sh + rows_in] += max_pool2d_backward(
+            dy[images, top:bottom], (tile_shape, argmax[images, top:bottom], layer.pool_size, layer.strides,
+                                     'valid'))
+    return dx_pad[:, top_pad:top_pad + h, left:left + width], {layer.name: {}}
 
 
 FAST_LAYERS = {
+    MaxPooling2D: (max_pool_forward, max_pool_backward),
     Conv2D: (conv_forward, conv_backward),
     SeparableConv2D: (separable_forward, separable_backward),
     BatchNormalization: (batch_norm_forward, batch_norm_backward),
 }
 
 
-def _layer_forward(layer, inputs, training):
-    """(y, cache, backward function) for one layer on one share of the batch."""
+def _passed_on(dy, _cache):
+    """The backward step of a batch-norm folded into the convolution before it: the
+    convolution's own backward step, which comes next, computes its gradients."""
+    return dy, {}
+
+
+def _layer_forward(layer, inputs, training, bn=None):
+    """(y, cache, backward function) for one layer on one share of the batch; ``bn``, a
+    batch-norm to fold in, only where ``foldable_batch_norms`` found one."""
     if isinstance(layer, Add):                  # two inputs, no parameters, no cache
-        return layer.forward(*inputs), None, lambda dy, _: ((dy, dy), {})
+        return layer.forward(*inputs), None, lambda dy, _: ((dy, dy), {layer.name: {}})
     x, = inputs
     if isinstance(x, np.ndarray) and type(layer) in FAST_LAYERS:
         forward, backward = FAST_LAYERS[type(layer)]
-        result = forward(layer, x, training)
+        result = forward(layer, x, training) if bn is None else forward(layer, x, training, bn=bn)
         if result is not None:
             return result[0], result[1], lambda dy, cache: backward(layer, dy, cache)
     y, cache = layer._forward(x, training)
-    return y, cache, layer._backward
+
+    def plain_backward(dy, cache):
+        dx, grads = layer._backward(dy, cache)
+        return dx, {layer.name: grads}
+    return y, cache, plain_backward
+
+
+def foldable_batch_norms(model, training):
+    """{convolution name: batch-norm layer} for each batch-norm on its moving statistics that
+    alone reads a convolution's output (not the model's output) and so can fold into it."""
+    readers = {}
+    for node in model.nodes:
+        for name in node.inputs:
+            readers.setdefault(name, []).append(node)
+    last = model.nodes[-1].layer.name
+    folds = {}
+    for node in model.nodes:
+        layer = node.layer
+        reading = readers.get(layer.name, [])
+        if (isinstance(layer, (Conv2D, SeparableConv2D)) and layer.name != last and len(reading) == 1
+                and isinstance(reading[0].layer, BatchNormalization)
+                and not (training and reading[0].layer.trainable)
+                and not (isinstance(layer, SeparableConv2D) and layer.strides != (1, 1))):
+            folds[layer.name] = FoldedBatchNorm(reading[0].layer)
+    return folds
 
 
 # -- the engine -----------------------------------------------------------------------------------
@@ -325,6 +456,8 @@ class GradientEngine:
         model.check_input(x)
         last_use = model._last_use()
         slices = self._share_slices(x, training)
+        folds = foldable_batch_norms(model, training) if isinstance(x, np.ndarray) else {}
+        folded = {bn.layer.name for bn in folds.values()}
 
         def run(index):
             tensors, records = {'input': x[slices[index]]}, []
@@ -332,7 +465,11 @@ class GradientEngine:
                 layer = node.layer
                 if not layer.built:
                     layer.build(tensors[node.inputs[0]].shape)
-                y, cache, backward = _layer_forward(layer, [tensors[name] for name in node.inputs], training)
+                inputs = [tensors[name] for name in node.inputs]
+                if layer.name in folded:             # its convolution already gave its output
+                    y, cache, backward = inputs[0], None, _passed_on
+                else:
+                    y, cache, backward = _layer_forward(layer, inputs, training, folds.get(layer.name))
                 tensors[layer.name] = y
                 records.append((cache, backward))
                 for name in node.inputs:
@@ -356,7 +493,8 @@ class GradientEngine:
             share, records = shares[index]
             pending, grads = {nodes[-1].layer.name: dy[share]}, {}
             for node, (cache, backward) in zip(reversed(nodes), reversed(records)):
-                input_grads, grads[node.layer.name] = backward(pending.pop(node.layer.name), cache)
+                input_grads, layer_grads = backward(pending.pop(node.layer.name), cache)
+                grads.update(layer_grads)
                 if len(node.inputs) == 1:
                     input_grads = (input_grads,)
                 for name, g in zip(node.inputs, input_grads):

@@ -51,7 +51,9 @@ def assert_pair_matches_plain(layer, forward, backward, x, rng, training=False):
     result = forward(layer, x, training)
     assert result is not None, f'the fast path does not take {layer}'
     y, fast_cache = result
-    dx, grads = backward(layer, dy, fast_cache)
+    dx, grads_by_layer = backward(layer, dy, fast_cache)
+    assert list(grads_by_layer) == [layer.name]
+    grads = grads_by_layer[layer.name]
     assert y.shape == expected_y.shape and dx.shape == x.shape
     assert relative_error(y, expected_y) <= TOLERANCE
     assert relative_error(dx, expected_dx) <= TOLERANCE
@@ -100,6 +102,72 @@ def test_batch_norm_on_moving_statistics_matches_plain(tiles, rng, training, tra
     x = rng.normal(0.3, 2.0, (3, 7, 6, 5)).astype(np.float32)
     assert_pair_matches_plain(layer, fastgrad.batch_norm_forward, fastgrad.batch_norm_backward, x, rng,
                               training=training)
+
+
+@pytest.mark.parametrize('convolution, use_bias', [
+    (lambda: L.SeparableConv2D(6, 3, padding='same', use_bias=False), False),
+    (lambda: L.SeparableConv2D(6, 3, padding='same'), True),
+    (lambda: L.Conv2D(6, 3, strides=2, use_bias=False), False), (lambda: L.Conv2D(6, 3, padding='same'), True),
+    (lambda: L.Conv2D(6, 1, strides=2, padding='same', use_bias=False), False)])
+def test_batch_norm_folded_into_the_convolution_matches_plain(tiles, rng, convolution, use_bias):
+    """Convolution then batch-norm on moving statistics, as one fused pair, against the two
+    plain layers: the batch-norm's output, the input gradient, and the gradients of both
+    layers' weights. The statistics are the batch's own, with some channels' means several
+    standard deviations from zero (up to 7 in Xception's ImageNet weights): where the folded
+    gamma gradient, a difference of two sums, would lose precision if it were going to."""
+    conv = built(convolution(), (3, 9, 10, 4), rng)
+    assert ('bias' in conv.params) == use_bias
+    for name, weights in conv.params.items():               # three channels with a large mean ...
+        if name == 'depthwise_kernel':
+            weights[...] = np.abs(weights)
+        elif name != 'bias':
+            weights[..., :3] = np.abs(weights[..., :3])
+    x = (rng.standard_normal((3, 9, 10, 4)) + 5).astype(np.float32)
+    u, conv_cache = conv._forward(x, False)
+    mean, std = u.mean(axis=(0, 1, 2)), u.std(axis=(0, 1, 2))
+    assert (np.abs(mean) / std).max() > 5                  # ... several standard deviations
+    bn = built(L.BatchNormalization(), u.shape, rng)
+    bn.set_weights([rng.uniform(0.5, 1.5, len(mean)), rng.normal(0, 0.2, len(mean)), mean, std ** 2])
+    expected_y, bn_cache = bn._forward(u, False)
+    dy = rng.standard_normal(expected_y.shape).astype(np.float32)
+    du, expected_bn_grads = bn._backward(dy, bn_cache)
+    expected_dx, expected_conv_grads = conv._backward(du, conv_cache)
+    forward, backward = fastgrad.FAST_LAYERS[type(conv)]
+    y, cache = forward(conv, x, False, bn=fastgrad.FoldedBatchNorm(bn))
+    dx, grads = backward(conv, dy, cache)
+    assert relative_error(y, expected_y) <= TOLERANCE
+    assert relative_error(dx, expected_dx) <= TOLERANCE
+    assert grads.keys() == {conv.name, bn.name}
+    for layer_grads, expected_grads in [(grads[conv.name], expected_conv_grads), (grads[bn.name], expected_bn_grads)]:
+        assert layer_grads.keys() == expected_grads.keys()
+        for name in expected_grads:
+            assert relative_error(layer_grads[name], expected_grads[name]) <= TOLERANCE, name
+
+
+def test_xception_folds_every_batch_norm_at_moving_statistics():
+    """In Xception every batch-norm alone reads the convolution before it: all 40 fold when they
+    use their moving statistics, none when they train on batch statistics, all again when frozen."""
+    model = minixcept.Xception(include_top=False, input_shape=(71, 71, 3), pooling='avg', middle_blocks=1)
+    batch_norms = {layer.name for layer in model.layers if isinstance(layer, L.BatchNormalization)}
+    assert {bn.layer.name for bn in fastgrad.foldable_batch_norms(model, training=False).values()} == batch_norms
+    assert fastgrad.foldable_batch_norms(model, training=True) == {}
+    for layer in model.layers:
+        layer.trainable = False
+    assert len(fastgrad.foldable_batch_norms(model, training=True)) == len(batch_norms)
+
+
+@pytest.mark.parametrize('side', [9, 10, 11])
+@pytest.mark.parametrize('pool_size, strides, padding', [(3, 2, 'same'), (2, None, 'valid'), (3, 1, 'same'),
+                                                         (3, 2, 'valid')])
+def test_max_pool_matches_plain(tiles, rng, side, pool_size, strides, padding):
+    """The output exactly (a max involves no rounding); the input gradient within rounding (where
+    windows overlap, the parts from neighbouring tiles are added in another order)."""
+    layer = L.MaxPooling2D(pool_size, strides, padding=padding)
+    layer.build((3, side, side, 4))
+    x = rng.standard_normal((3, side, side, 4)).astype(np.float32)
+    x[:, ::3, ::2] = 0.5                                   # ties: the first in the window wins
+    assert_pair_matches_plain(layer, fastgrad.max_pool_forward, fastgrad.max_pool_backward, x, rng)
+    np.testing.assert_array_equal(fastgrad.max_pool_forward(layer, x, False)[0], layer._forward(x, False)[0])
 
 
 def test_batch_norm_on_batch_statistics_is_left_to_the_layer(rng):
