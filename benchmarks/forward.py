@@ -19,9 +19,11 @@ the fused inference engine that ``Model.predict`` uses (``minixcept.fast``), and
 size also the plain layer-by-layer forward pass, for before/after.
 
 Forward + backward: the whole network, loss = sum(y * dy) for a fixed random dy, gradients
-for every weight and for the input: minixcept's ``forward`` then ``backward``, TensorFlow's
-``GradientTape`` in a ``tf.function``. Batch-norm runs in inference mode (moving statistics,
-as when fine-tuning a pretrained base) unless ``--bn-training``.
+for every weight and for the input: minixcept's training engine (``minixcept.fastgrad``:
+``GradientEngine.forward`` then ``.backward``), and for before/after also the plain layers'
+``forward`` then ``backward``; TensorFlow's ``GradientTape`` in a ``tf.function``. Batch-norm
+runs in inference mode (moving statistics, as when fine-tuning a pretrained base) unless
+``--bn-training``.
 
 Memory: each framework runs in a child process of its own. After the model and weights are
 loaded, the child returns freed heap memory to the system (glibc's malloc_trim), resets the
@@ -153,6 +155,7 @@ def random_batch(batch, seed=0):
 def runners(tf, ours, theirs, mode, bn_training, with_plain):
     """{name: callable(x, dy) -> output} for the timed passes."""
     import minixcept
+    import minixcept.fastgrad
     result = {}
     if mode == 'forward':
         engine = minixcept.fast.InferenceEngine(ours)
@@ -178,10 +181,17 @@ def runners(tf, ours, theirs, mode, bn_training, with_plain):
             return tape.gradient(loss, [x] + variables)
         result['TensorFlow'] = lambda x, dy: keras_gradients(tf.constant(x), tf.constant(dy))[0].numpy()
 
+    engine = minixcept.fastgrad.GradientEngine(ours)
+
     def our_gradients(x, dy):
-        ours.forward(x, training=bn_training)
-        return ours.backward(dy)
+        engine.forward(x, training=bn_training)
+        return engine.backward(dy)
     result['minixcept'] = our_gradients
+    if with_plain:
+        def plain_gradients(x, dy):
+            ours.forward(x, training=bn_training)
+            return ours.backward(dy)
+        result['minixcept plain'] = plain_gradients
     return result
 
 
@@ -278,13 +288,13 @@ def report(machine, rows, before_after, notes):
                      f"{row['ours_ms'] / row['tf_ms']:.2f} | {format_mib(row['tf_mib'])} | "
                      f"{format_mib(row['ours_mib'])} |")
     if before_after:
-        lines += ['', '| minixcept forward, batch {batch} | ms/photo | peak memory |'.format(**before_after),
-                  '|---|---:|---:|',
-                  f"| plain layers (`forward`) | {before_after['plain_ms']:.1f} | "
-                  f"{format_mib(before_after['plain_mib'])} |",
-                  f"| inference engine (`predict`) | {before_after['fast_ms']:.1f} | "
-                  f"{format_mib(before_after['fast_mib'])} |",
-                  f"| speed-up | {before_after['plain_ms'] / before_after['fast_ms']:.2f}x | |"]
+        lines += ['', '| minixcept, plain layers against the engines | batch | plain ms/photo | engine ms/photo '
+                      '| speed-up | plain peak memory | engine peak memory |',
+                  '|---|---:|---:|---:|---:|---:|---:|']
+        for row in before_after:
+            lines.append(f"| {row['pass']} | {row['batch']} | {row['plain_ms']:.1f} | {row['fast_ms']:.1f} | "
+                         f"{row['plain_ms'] / row['fast_ms']:.2f}x | {format_mib(row['plain_mib'])} | "
+                         f"{format_mib(row['fast_mib'])} |")
     return '\n'.join(lines + [''] + notes) + '\n'
 
 
@@ -315,11 +325,11 @@ def main(argv=None):
     print(f"# {machine['cpu']}, {machine['cores']} cores; NumPy {machine['numpy']} ({machine['blas']}); "
           f"TensorFlow {machine['tensorflow']}; weights: {path.name if path else 'random'}", flush=True)
 
-    rows, before_after, agreement = [], None, []
+    rows, before_after, agreement = [], [], []
     passes = [('forward', b) for b in args.batches] + [('forward + backward', args.backward_batch)]
     for name, batch in passes:
         mode = 'forward' if name == 'forward' else 'backward'
-        with_plain = mode == 'forward' and batch == args.before_after_batch
+        with_plain = mode == 'backward' or batch == args.before_after_batch
         named = runners(tf, ours, theirs, mode, args.bn_training, with_plain)
         x = random_batch(batch)
         dy = np.random.default_rng(1).standard_normal((batch, 2048)).astype(np.float32)
@@ -336,10 +346,12 @@ def main(argv=None):
         print(f"{name:20s} batch {batch:3d}: TensorFlow {row['tf_ms']:7.1f}  minixcept {row['ours_ms']:7.1f} "
               f"ms/photo  ratio {row['ours_ms'] / row['tf_ms']:.2f}", flush=True)
         if with_plain:
-            before_after = {'batch': batch, 'plain_ms': seconds['minixcept plain'] / batch * 1e3,
-                            'fast_ms': row['ours_ms'], 'plain_mib': memory.get('minixcept plain'),
-                            'fast_mib': row['ours_mib']}
-            print(f"{'':20s} plain layers {before_after['plain_ms']:7.1f} ms/photo", flush=True)
+            before_after.append({'pass': name, 'batch': batch, 'plain_ms': seconds['minixcept plain'] / batch * 1e3,
+                                 'fast_ms': row['ours_ms'], 'plain_mib': memory.get('minixcept plain'),
+                                 'fast_mib': row['ours_mib']})
+            agreement.append(f"{name}, batch {batch}: minixcept engine vs plain layers {what}, max|a-b|/max|b| = "
+                             f"{relative_error(outputs['minixcept'], outputs['minixcept plain']):.1e}")
+            print(f"{'':20s} plain layers {before_after[-1]['plain_ms']:7.1f} ms/photo", flush=True)
 
     notes = [f'Runs: median of {args.repeats} interleaved rounds after a warm-up; forward + backward '
              f"with batch-norm in {'training' if args.bn_training else 'inference'} mode; weights: "

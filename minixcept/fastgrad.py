@@ -29,6 +29,9 @@ checks the outputs, the input gradient and every weight's gradient against
   backward (see ``FoldedBatchNorm``): one matrix product gives the batch-norm's output, and
   the product that gives the kernel gradient also gives gamma's. A batch-norm that cannot
   fold runs in single passes over rows repeated along W (see ``fast.along_width``).
+- **A ReLU before a separable convolution runs inside it**: applied while the depthwise
+  step copies its input rows into the padded tile, and its mask applied to the input
+  gradient tile by tile; the ReLU's output is never stored.
 - **Full convolutions as im2col a block of rows at a time** and one matrix product per
   block, and **max pooling tile by tile**, each tile through the plain layer's own code.
 
@@ -45,7 +48,7 @@ import numpy as np
 
 from .fast import (ThreadpoolController, Workers, _extent, _usable_cores, along_width, depthwise_tile, gather_rows,
                    im2col_tile, plan_blocks, single_threaded_blas)
-from .layers import Add, BatchNormalization, Conv2D, Dropout, MaxPooling2D, SeparableConv2D
+from .layers import Activation, Add, BatchNormalization, Conv2D, Dropout, MaxPooling2D, SeparableConv2D
 from .layers.pooling import max_pool2d_backward, max_pool2d_forward
 from .padding import window, window_geometry
 
@@ -59,11 +62,14 @@ def _tiles(n_images, out_h, row_bytes):
     return [tile for _, tiles in plan_blocks(n_images, out_h, row_bytes, np) for tile in tiles]
 
 
-def depthwise_rows(x, kernel, pads, out):
+def depthwise_rows(x, kernel, pads, out, relu=False, mask=None):
     """Stride-1 depthwise convolution of x, zero-padded by ``pads``, into ``out``, tile by tile.
 
     x: (N, H, W, C); kernel: (kh, kw, C); pads: ((top, bottom), (left, right));
     out: (N, H + top + bottom - kh + 1, W + left + right - kw + 1, C). Returns out.
+    relu: convolve ReLU(x) instead, applied as the rows are copied into the padded tile.
+    mask: an array like out; where it is <= 0, out is set to 0 (the backward pass of a ReLU
+    whose input was ``mask``), while each tile is still in cache.
     """
     kh, kw, channels = kernel.shape
     n, out_h, out_w, _ = out.shape
@@ -72,25 +78,31 @@ def depthwise_rows(x, kernel, pads, out):
     tile_images, tile_rows = max(_extent(tile) for tile in tiles)
     x_tile = np.empty((tile_images, tile_rows + kh - 1, x.shape[2] + sum(pads[1]), channels), x.dtype)
     products = np.empty((tile_images, tile_rows, out_w, channels), x.dtype)
+    positive = np.empty(products.shape, bool) if mask is not None else None
+    relu_zeros = np.zeros(x.shape[2:], x.dtype) if relu else None
     for images, top, bottom in tiles:
-        padded = gather_rows(x, images, top, bottom, kh, 1, pads, x_tile)
+        padded = gather_rows(x, images, top, bottom, kh, 1, pads, x_tile, relu_zeros=relu_zeros)
         part = out[images, top:bottom]
         depthwise_tile(padded, taps, (1, 1), part, products[:part.shape[0], :part.shape[1]])
+        if mask is not None:
+            where = np.greater(mask[images, top:bottom], 0, out=positive[:part.shape[0], :part.shape[1]])
+            np.multiply(part, where, out=part)
     return out
 
 
-def depthwise_kernel_gradient(x, dz, kernel_size, pads):
+def depthwise_kernel_gradient(x, dz, kernel_size, pads, relu=False):
     """dkernel[p, q, c] = sum over n, i, j of x_pad[n, i + p, j + q, c] * dz[n, i, j, c], for a
     stride-1 depthwise convolution; summed tile by tile (``einsum`` multiplies and adds in
-    one pass, with no array of products). Returns (kh, kw, C)."""
+    one pass, with no array of products). relu: of ReLU(x). Returns (kh, kw, C)."""
     kh, kw = kernel_size
     n, out_h, out_w, channels = dz.shape
     tiles = _tiles(n, out_h, out_w * channels * x.itemsize)
     tile_images, tile_rows = max(_extent(tile) for tile in tiles)
     x_tile = np.empty((tile_images, tile_rows + kh - 1, x.shape[2] + sum(pads[1]), channels), x.dtype)
     dkernel = np.zeros((kh, kw, channels), x.dtype)
+    relu_zeros = np.zeros(x.shape[2:], x.dtype) if relu else None
     for images, top, bottom in tiles:
-        padded = gather_rows(x, images, top, bottom, kh, 1, pads, x_tile)
+        padded = gather_rows(x, images, top, bottom, kh, 1, pads, x_tile, relu_zeros=relu_zeros)
         dz_part = dz[images, top:bottom]
         for p in range(kh):
             for q in range(kw):
@@ -244,25 +256,28 @@ def conv_backward(layer, dy, cache):
     return dx, _parameter_gradients(layer, kernel, bias, g, dy, bn)
 
 
-def separable_forward(layer, x, training, bn=None):
-    """SeparableConv2D [+ folded batch-norm] with stride 1: depthwise tile by tile into z, then
-    one matrix product. Keeps x and z, as the plain layer does. None where it does not apply."""
+def separable_forward(layer, x, training, bn=None, relu=False):
+    """[ReLU ->] SeparableConv2D [-> folded batch-norm] with stride 1: depthwise tile by tile
+    into z (ReLU applied as the rows are copied in), then one matrix product. Keeps x (before
+    the ReLU) and z. None where it does not apply."""
     if layer.strides != (1, 1):
         return None
     p = layer.params
     n, _, _, c_in = x.shape
     (out_h, out_w), pads = window_geometry(x.shape[1:3], layer.kernel_size, (1, 1), layer.padding)
-    z = depthwise_rows(x, p['depthwise_kernel'][:, :, :, 0], pads, np.empty((n, out_h, out_w, c_in), x.dtype))
+    z = depthwise_rows(x, p['depthwise_kernel'][:, :, :, 0], pads, np.empty((n, out_h, out_w, c_in), x.dtype),
+                       relu=relu)
     matrix, bias = _matrix_and_bias(p['pointwise_kernel'], p.get('bias'), bn)   # (C_in, C_out)
     y = (z.reshape(-1, c_in) @ matrix).reshape(n, out_h, out_w, -1)
     if bias is not None:
         y += along_width(bias, out_w)
-    return y, (x, z, pads, bn)
+    return y, (x, z, pads, bn, relu)
 
 
 def separable_backward(layer, dy, cache):
-    """The pointwise half as two matrix products, then the depthwise half tile by tile."""
-    x, z, pads, bn = cache
+    """The pointwise half as two matrix products, then the depthwise half tile by tile, the
+    ReLU's mask applied to dx while each tile is in cache."""
+    x, z, pads, bn, relu = cache
     p = layer.params
     kernel, bias = p['pointwise_kernel'], p.get('bias')
     matrix, _ = _matrix_and_bias(kernel, bias, bn)
@@ -270,9 +285,10 @@ def separable_backward(layer, dy, cache):
     dy_rows = dy.reshape(-1, matrix.shape[1])                                 # (N*H*W, C_out)
     dz = (dy_rows @ matrix.T).reshape(z.shape)                                # (N, H, W, C_in)
     g = z.reshape(-1, matrix.shape[0]).T @ dy_rows                            # (C_in, C_out)
-    ddepthwise = depthwise_kernel_gradient(x, dz, layer.kernel_size, pads)[..., None]
+    ddepthwise = depthwise_kernel_gradient(x, dz, layer.kernel_size, pads, relu=relu)[..., None]
     turned = p['depthwise_kernel'][::-1, ::-1, :, 0]
-    dx = depthwise_rows(dz, turned, backward_pads(layer.kernel_size, pads), np.empty_like(x))
+    dx = depthwise_rows(dz, turned, backward_pads(layer.kernel_size, pads), np.empty_like(x),
+                        mask=x if relu else None)
     return dx, _parameter_gradients(layer, kernel, bias, g, dy, bn, ddepthwise)
 
 
@@ -356,20 +372,21 @@ FAST_LAYERS = {
 
 
 def _passed_on(dy, _cache):
-    """The backward step of a batch-norm folded into the convolution before it: the
-    convolution's own backward step, which comes next, computes its gradients."""
+    """The backward step of a layer fused into a convolution next to it (a batch-norm folded
+    into the one before it, a ReLU into the separable one after it): the convolution's own
+    backward step does its work."""
     return dy, {}
 
 
-def _layer_forward(layer, inputs, training, bn=None):
-    """(y, cache, backward function) for one layer on one share of the batch; ``bn``, a
-    batch-norm to fold in, only where ``foldable_batch_norms`` found one."""
+def _layer_forward(layer, inputs, training, fused=None):
+    """(y, cache, backward function) for one layer on one share of the batch. fused: the
+    keyword arguments that fuse neighbouring layers into it (``plan_fusion``), or None."""
     if isinstance(layer, Add):                  # two inputs, no parameters, no cache
         return layer.forward(*inputs), None, lambda dy, _: ((dy, dy), {layer.name: {}})
     x, = inputs
     if isinstance(x, np.ndarray) and type(layer) in FAST_LAYERS:
         forward, backward = FAST_LAYERS[type(layer)]
-        result = forward(layer, x, training) if bn is None else forward(layer, x, training, bn=bn)
+        result = forward(layer, x, training, **(fused or {}))
         if result is not None:
             return result[0], result[1], lambda dy, cache: backward(layer, dy, cache)
     y, cache = layer._forward(x, training)
@@ -380,24 +397,41 @@ def _layer_forward(layer, inputs, training, bn=None):
     return y, cache, plain_backward
 
 
-def foldable_batch_norms(model, training):
-    """{convolution name: batch-norm layer} for each batch-norm on its moving statistics that
-    alone reads a convolution's output (not the model's output) and so can fold into it."""
+def plan_fusion(model, training):
+    """Which layers fuse into a convolution next to them, in this mode.
+
+    Returns ({convolution name: keyword arguments for its fast forward}, {names of the layers
+    fused away}). A batch-norm on its moving statistics that alone reads a Conv2D's or a
+    stride-1 SeparableConv2D's output folds into it (``bn``); a ReLU whose output only a
+    stride-1 SeparableConv2D reads runs inside it (``relu``): applied as the depthwise step
+    copies its input rows, and its mask applied to that step's input gradient. A fused
+    layer's output is never the model's output. (Fusion keeps the mathematics: the tests
+    compare fused pairs with the plain layers.)
+    """
     readers = {}
     for node in model.nodes:
         for name in node.inputs:
-            readers.setdefault(name, []).append(node)
+            readers.setdefault(name, []).append(node.layer)
     last = model.nodes[-1].layer.name
-    folds = {}
+
+    def sole_reader(name):
+        reading = readers.get(name, [])
+        return reading[0] if name != last and len(reading) == 1 else None
+
+    def stride_one_separable(layer):
+        return isinstance(layer, SeparableConv2D) and layer.strides == (1, 1)
+
+    fused, absorbed = {}, set()
     for node in model.nodes:
-        layer = node.layer
-        reading = readers.get(layer.name, [])
-        if (isinstance(layer, (Conv2D, SeparableConv2D)) and layer.name != last and len(reading) == 1
-                and isinstance(reading[0].layer, BatchNormalization)
-                and not (training and reading[0].layer.trainable)
-                and not (isinstance(layer, SeparableConv2D) and layer.strides != (1, 1))):
-            folds[layer.name] = FoldedBatchNorm(reading[0].layer)
-    return folds
+        layer, reader = node.layer, sole_reader(node.layer.name)
+        if ((isinstance(layer, Conv2D) or stride_one_separable(layer)) and isinstance(reader, BatchNormalization)
+                and not (training and reader.trainable)):
+            fused.setdefault(layer.name, {})['bn'] = FoldedBatchNorm(reader)
+            absorbed.add(reader.name)
+        if isinstance(layer, Activation) and layer.activation == 'relu' and stride_one_separable(reader):
+            fused.setdefault(reader.name, {})['relu'] = True
+            absorbed.add(layer.name)
+    return fused, absorbed
 
 
 # -- the engine -----------------------------------------------------------------------------------
@@ -456,8 +490,7 @@ class GradientEngine:
         model.check_input(x)
         last_use = model._last_use()
         slices = self._share_slices(x, training)
-        folds = foldable_batch_norms(model, training) if isinstance(x, np.ndarray) else {}
-        folded = {bn.layer.name for bn in folds.values()}
+        fused, absorbed = plan_fusion(model, training) if isinstance(x, np.ndarray) else ({}, set())
 
         def run(index):
             tensors, records = {'input': x[slices[index]]}, []
@@ -466,10 +499,10 @@ class GradientEngine:
                 if not layer.built:
                     layer.build(tensors[node.inputs[0]].shape)
                 inputs = [tensors[name] for name in node.inputs]
-                if layer.name in folded:             # its convolution already gave its output
+                if layer.name in absorbed:           # a convolution next to it does its work
                     y, cache, backward = inputs[0], None, _passed_on
                 else:
-                    y, cache, backward = _layer_forward(layer, inputs, training, folds.get(layer.name))
+                    y, cache, backward = _layer_forward(layer, inputs, training, fused.get(layer.name))
                 tensors[layer.name] = y
                 records.append((cache, backward))
                 for name in node.inputs:
@@ -504,7 +537,7 @@ class GradientEngine:
         results = self._each_share(run, len(shares))
         self._shares = None                        # the caches are spent; free them
         for node in nodes:
-            parts = [grads[node.layer.name] for _, grads in results]
+            parts = [grads.get(node.layer.name, {}) for _, grads in results]     # a fused ReLU has none
             node.layer.grads = {name: sum(part[name] for part in parts) for name in parts[0]}
         dxs = [dx for dx, _ in results]
         return dxs[0] if len(dxs) == 1 else np.concatenate(dxs)

@@ -144,16 +144,49 @@ def test_batch_norm_folded_into_the_convolution_matches_plain(tiles, rng, convol
             assert relative_error(layer_grads[name], expected_grads[name]) <= TOLERANCE, name
 
 
-def test_xception_folds_every_batch_norm_at_moving_statistics():
-    """In Xception every batch-norm alone reads the convolution before it: all 40 fold when they
-    use their moving statistics, none when they train on batch statistics, all again when frozen."""
+def test_xception_fusion_plan():
+    """In Xception every batch-norm alone reads the convolution before it: all fold when they
+    use their moving statistics, none when they train on batch statistics, all again when
+    frozen. Every ReLU that only a separable convolution reads runs inside it; the others are
+    the stem's two (read by a Conv2D, and by block 2's convolution and shortcut) and the last
+    one (read by the global pooling)."""
     model = minixcept.Xception(include_top=False, input_shape=(71, 71, 3), pooling='avg', middle_blocks=1)
     batch_norms = {layer.name for layer in model.layers if isinstance(layer, L.BatchNormalization)}
-    assert {bn.layer.name for bn in fastgrad.foldable_batch_norms(model, training=False).values()} == batch_norms
-    assert fastgrad.foldable_batch_norms(model, training=True) == {}
+    relus = {layer.name for layer in model.layers if isinstance(layer, L.Activation)}
+    unfused_relus = {'block1_conv1_act', 'block1_conv2_act', model.layers[-2].name}   # the last, before pooling
+    assert model.layers[-2].name in relus
+    fused, absorbed = fastgrad.plan_fusion(model, training=False)
+    assert absorbed == batch_norms | (relus - unfused_relus)
+    assert {args['bn'].layer.name for args in fused.values() if 'bn' in args} == batch_norms
+    assert sum(args.get('relu', False) for args in fused.values()) == len(relus - unfused_relus)
+    fused, absorbed = fastgrad.plan_fusion(model, training=True)
+    assert absorbed == relus - unfused_relus and not any('bn' in args for args in fused.values())
     for layer in model.layers:
         layer.trainable = False
-    assert len(fastgrad.foldable_batch_norms(model, training=True)) == len(batch_norms)
+    assert fastgrad.plan_fusion(model, training=True)[1] == batch_norms | (relus - unfused_relus)
+
+
+@pytest.mark.parametrize('kernel_size, padding', [(3, 'same'), (2, 'same'), (3, 'valid')])
+def test_relu_fused_into_separable_matches_plain(tiles, rng, kernel_size, padding):
+    """ReLU then separable convolution as one fused pair, against the two plain layers; about
+    half the inputs negative, some exactly zero (where the ReLU's gradient is 0, as in Keras)."""
+    relu = L.ReLU()
+    conv = built(L.SeparableConv2D(6, kernel_size, padding=padding), (3, 9, 10, 5), rng)
+    x = rng.standard_normal((3, 9, 10, 5)).astype(np.float32)
+    x[:, ::4] = 0
+    r, relu_cache = relu._forward(x, False)
+    expected_y, conv_cache = conv._forward(r, False)
+    dy = rng.standard_normal(expected_y.shape).astype(np.float32)
+    dr, expected_grads = conv._backward(dy, conv_cache)
+    expected_dx, _ = relu._backward(dr, relu_cache)
+    y, cache = fastgrad.separable_forward(conv, x, False, relu=True)
+    dx, grads = fastgrad.separable_backward(conv, dy, cache)
+    assert relative_error(y, expected_y) <= TOLERANCE
+    assert relative_error(dx, expected_dx) <= TOLERANCE
+    assert np.all(dx[x <= 0] == 0)
+    assert grads.keys() == {conv.name}
+    for name in expected_grads:
+        assert relative_error(grads[conv.name][name], expected_grads[name]) <= TOLERANCE, name
 
 
 @pytest.mark.parametrize('side', [9, 10, 11])
