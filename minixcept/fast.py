@@ -654,7 +654,7 @@ class InferenceEngine:
             threads = _usable_cores() if ThreadpoolController is not None else 1
         self.workers = Workers(int(threads))
         self.threads = self.workers.threads
-        self.buffers = [BufferPool() for _ in range(self.threads)]        # one pool per thread
+        self.buffers = [BufferPool() for _ in range(self.threads)]        # one pool per share
         self._plans = {}
         self.steps = self._plan(())
 
@@ -684,9 +684,11 @@ class InferenceEngine:
                 shares = np.array_split(np.arange(len(x)), self.threads)
                 results = [None] * len(shares)
 
-                def run_share(index_and_share, slot):
+                def run_share(index_and_share, _slot):
+                    # Share i always takes pool i, whichever thread runs it: a thread that
+                    # finishes early may run two shares, and the pools must not grow for it.
                     index, share = index_and_share
-                    results[index] = self._run(steps, x[share[0]:share[-1] + 1], wanted, self.buffers[slot],
+                    results[index] = self._run(steps, x[share[0]:share[-1] + 1], wanted, self.buffers[index],
                                                ONE_THREAD)
                 with single_threaded_blas() or contextlib.nullcontext():
                     self.workers.each(run_share, list(enumerate(shares)))
