@@ -25,7 +25,8 @@ list of *steps*:
   once. (At 299 px a block-2 tensor of a batch of 8 is 88 MB, larger than any
   cache; matrix products on a few thousand rows are also faster than on 170,000.)
 - **Depthwise convolution as kh*kw multiply-adds** into preallocated arrays, with
-  the weights repeated along W so that NumPy runs one long loop per row.
+  the weights repeated along W so that NumPy runs one long loop per row; with 256
+  channels or more, as one ``einsum`` over a strided view of all the windows.
 - **Max pooling as two 1-D passes**: the max over a 3x3 window is the max over
   its three rows of each row's max over three columns.
 - **The residual add in place**, into a tensor nobody reads afterwards.
@@ -183,11 +184,15 @@ def depthwise_tile(x_tile, taps, strides, out, scratch):
 
         out[n, i, j, c] = sum over p, q of x_tile[n, i*sh + p, j*sw + q, c] * taps[p, q, j, c]
 
-    Each product goes into ``scratch`` and is added in place: no temporaries.
+    Each product goes into ``scratch`` and is added in place: no temporaries. With many
+    channels (NumPy only), one ``einsum`` over a view of all the windows does the same sum
+    in a single pass instead of 2*kh*kw - 1 (see ``EINSUM_MIN_CHANNELS``).
     """
     xp = get_array_module(x_tile)
     kh, kw = taps.shape[:2]
     out_hw = out.shape[1:3]
+    if xp is np and x_tile.shape[-1] >= EINSUM_MIN_CHANNELS:
+        return np.einsum('nijpqc,pqc->nijc', all_windows(x_tile, (kh, kw), out_hw, strides), taps[:, :, 0], out=out)
     xp.multiply(window(x_tile, 0, 0, out_hw, strides), taps[0, 0], out=out)
     for p in range(kh):
         for q in range(kw):
@@ -195,6 +200,23 @@ def depthwise_tile(x_tile, taps, strides, out, scratch):
                 xp.multiply(window(x_tile, p, q, out_hw, strides), taps[p, q], out=scratch)
                 out += scratch
     return out
+
+
+# einsum's multiply-add loop runs along the channels; from about this many channels it beats
+# the separate multiplies and adds (on this project's machines: 1.2-1.4x faster with 256 and
+# 728 channels, 1.3x slower with 128).
+EINSUM_MIN_CHANNELS = 256
+
+
+def all_windows(x_tile, kernel_size, out_hw, strides):
+    """A read-only view (n, out_h, out_w, kh, kw, C) of a NumPy tile (n, rows_in, Wp, C):
+    element [n, i, j, p, q, c] is x_tile[n, i*sh + p, j*sw + q, c]. No copy: the two window
+    axes step through the same memory as the row and column axes."""
+    (kh, kw), (out_h, out_w), (sh, sw) = kernel_size, out_hw, strides
+    s_n, s_row, s_col, s_c = x_tile.strides
+    return np.lib.stride_tricks.as_strided(
+        x_tile, (x_tile.shape[0], out_h, out_w, kh, kw, x_tile.shape[3]),
+        (s_n, s_row * sh, s_col * sw, s_row, s_col, s_c), writeable=False)
 
 
 def im2col_tile(x_tile, kernel_size, strides, out):

@@ -227,9 +227,12 @@ def test_predict_fast_equals_plain(xp, rng):
 
 # -- the tile kernels against naive loops -------------------------------------------------------
 
-def test_depthwise_tile_matches_a_naive_loop(rng):
+@pytest.mark.parametrize('method', ['multiply-adds', 'einsum'])
+def test_depthwise_tile_matches_a_naive_loop(monkeypatch, rng, method):
     """gather_rows + depthwise_tile for rows 2..5 of a 'same' 3x3 stride-2 convolution, against
-    the definition written as loops."""
+    the definition written as loops; by separate multiplies and adds, and by one einsum (which
+    the tile takes from EINSUM_MIN_CHANNELS channels on)."""
+    monkeypatch.setattr(fast, 'EINSUM_MIN_CHANNELS', 1 if method == 'einsum' else 10 ** 9)
     x = rng.standard_normal((1, 9, 8, 3)).astype(np.float32)
     kernel = rng.standard_normal((3, 3, 3, 1)).astype(np.float32)
     (out_h, out_w), pads = window_geometry((9, 8), (3, 3), (2, 2), 'same')
