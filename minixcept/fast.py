@@ -309,6 +309,11 @@ class BufferPool:
             del self._lent[id(array)]
             self._free.append(entry[1])
 
+    def give_back_all(self):
+        """Take back every array lent out: the caller holds none of them any more."""
+        self._free.extend(block for _, block in self._lent.values())
+        self._lent.clear()
+
     def forget_lent(self):
         """Arrays still out after a forward pass went to the caller: they are theirs now."""
         self._lent.clear()

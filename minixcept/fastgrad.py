@@ -35,6 +35,13 @@ checks the outputs, the input gradient and every weight's gradient against
 - **Full convolutions as im2col a block of rows at a time** and one matrix product per
   block, and **max pooling tile by tile**, each tile through the plain layer's own code.
 
+- **Memory kept from pass to pass.** Each share's outputs, caches, gradients and scratch
+  come from a buffer pool (``fast.BufferPool``) that the engine keeps: fresh memory costs a
+  page fault per page on first write, and on a virtual machine a pass through fresh memory
+  took up to twice as long. A gradient goes back to the pool as soon as the layer below
+  has used it; the caches go back after the backward pass. What the engine returns, and
+  every layer's ``grads``, are ordinary arrays of the caller's.
+
 Every other layer (and every layer on a GPU) runs its own ``_forward`` / ``_backward``.
 
     engine = GradientEngine(model)
@@ -43,10 +50,11 @@ Every other layer (and every layer on a GPU) runs its own ``_forward`` / ``_back
 """
 import contextlib
 import math
+import threading
 
 import numpy as np
 
-from .fast import (ThreadpoolController, Workers, _extent, _usable_cores, along_width, depthwise_tile, gather_rows,
+from .fast import (BufferPool, ThreadpoolController, Workers, _extent, _usable_cores, along_width, depthwise_tile, gather_rows,
                    im2col_tile, plan_blocks, single_threaded_blas)
 from .layers import Activation, Add, BatchNormalization, Conv2D, Dropout, MaxPooling2D, SeparableConv2D
 from .layers.pooling import max_pool2d_backward, max_pool2d_forward
@@ -54,6 +62,31 @@ from .padding import window, window_geometry
 
 # Batch-norm's gamma gradient is summed over pieces of about this many bytes of x and dy.
 SUM_BYTES = 256 * 1024
+
+
+# -- memory -------------------------------------------------------------------------------------
+
+_running = threading.local()           # .buffers: the BufferPool of the share this thread runs
+
+
+def new_array(shape, dtype):
+    """An uninitialised array for a large output or cache: from the buffer pool of the share
+    that the calling thread runs (see ``GradientEngine``), else a fresh ``np.empty``."""
+    buffers = getattr(_running, 'buffers', None)
+    return np.empty(shape, dtype) if buffers is None else buffers.empty(shape, dtype)
+
+
+def new_like(array):
+    return new_array(array.shape, array.dtype)
+
+
+def done_with(*arrays):
+    """Hand scratch arrays from ``new_array`` back to the running share's pool (if any)."""
+    buffers = getattr(_running, 'buffers', None)
+    if buffers is not None:
+        for array in arrays:
+            if array is not None:
+                buffers.give_back(array)
 
 
 # -- depthwise convolution, tile by tile ----------------------------------------------------------
@@ -76,9 +109,9 @@ def depthwise_rows(x, kernel, pads, out, relu=False, mask=None):
     taps = along_width(kernel, out_w)                                     # (kh, kw, W_out, C)
     tiles = _tiles(n, out_h, out_w * channels * x.itemsize)
     tile_images, tile_rows = max(_extent(tile) for tile in tiles)
-    x_tile = np.empty((tile_images, tile_rows + kh - 1, x.shape[2] + sum(pads[1]), channels), x.dtype)
-    products = np.empty((tile_images, tile_rows, out_w, channels), x.dtype)
-    positive = np.empty(products.shape, bool) if mask is not None else None
+    x_tile = new_array((tile_images, tile_rows + kh - 1, x.shape[2] + sum(pads[1]), channels), x.dtype)
+    products = new_array((tile_images, tile_rows, out_w, channels), x.dtype)
+    positive = new_array(products.shape, bool) if mask is not None else None
     relu_zeros = np.zeros(x.shape[2:], x.dtype) if relu else None
     for images, top, bottom in tiles:
         padded = gather_rows(x, images, top, bottom, kh, 1, pads, x_tile, relu_zeros=relu_zeros)
@@ -87,6 +120,7 @@ def depthwise_rows(x, kernel, pads, out, relu=False, mask=None):
         if mask is not None:
             where = np.greater(mask[images, top:bottom], 0, out=positive[:part.shape[0], :part.shape[1]])
             np.multiply(part, where, out=part)
+    done_with(x_tile, products, positive)
     return out
 
 
@@ -98,7 +132,7 @@ def depthwise_kernel_gradient(x, dz, kernel_size, pads, relu=False):
     n, out_h, out_w, channels = dz.shape
     tiles = _tiles(n, out_h, out_w * channels * x.itemsize)
     tile_images, tile_rows = max(_extent(tile) for tile in tiles)
-    x_tile = np.empty((tile_images, tile_rows + kh - 1, x.shape[2] + sum(pads[1]), channels), x.dtype)
+    x_tile = new_array((tile_images, tile_rows + kh - 1, x.shape[2] + sum(pads[1]), channels), x.dtype)
     dkernel = np.zeros((kh, kw, channels), x.dtype)
     relu_zeros = np.zeros(x.shape[2:], x.dtype) if relu else None
     for images, top, bottom in tiles:
@@ -108,6 +142,7 @@ def depthwise_kernel_gradient(x, dz, kernel_size, pads, relu=False):
             for q in range(kw):
                 dkernel[p, q] += np.einsum('nijc,nijc->c', window(padded, p, q, dz_part.shape[1:3], (1, 1)),
                                            dz_part)
+    done_with(x_tile)
     return dkernel
 
 
@@ -132,8 +167,8 @@ def im2col_blocks(x, kernel_size, strides, pads, out_hw):
     blocks = plan_blocks(n, out_h, out_w * kh * kw * c_in * x.itemsize, np)
     block_images, block_rows = max(_extent(block) for block, _ in blocks)
     tile_images, tile_rows = max(_extent(tile) for _, tiles in blocks for tile in tiles)
-    x_tile = np.empty((tile_images, (tile_rows - 1) * sh + kh, x.shape[2] + sum(pads[1]), c_in), x.dtype)
-    columns = np.empty((block_images, block_rows, out_w, kh, kw, c_in), x.dtype)
+    x_tile = new_array((tile_images, (tile_rows - 1) * sh + kh, x.shape[2] + sum(pads[1]), c_in), x.dtype)
+    columns = new_array((block_images, block_rows, out_w, kh, kw, c_in), x.dtype)
     for (images, top, bottom), tiles in blocks:
         block = columns[:images.stop - images.start, :bottom - top]
         for tile_images_, tile_top, tile_bottom in tiles:
@@ -143,6 +178,7 @@ def im2col_blocks(x, kernel_size, strides, pads, out_hw):
                         block[first:first + tile_images_.stop - tile_images_.start,
                               tile_top - top:tile_bottom - top])
         yield images, top, bottom, block
+    done_with(x_tile, columns)
 
 
 def conv_rows(x, kernel, strides, pads, out):
@@ -225,7 +261,7 @@ def conv_forward(layer, x, training, bn=None):
     matrix, bias = _matrix_and_bias(kernel, layer.params.get('bias'), bn)
     (out_h, out_w), pads = window_geometry(x.shape[1:3], layer.kernel_size, layer.strides, layer.padding)
     y = conv_rows(x, matrix.reshape(kernel.shape), layer.strides, pads,
-                  np.empty((x.shape[0], out_h, out_w, kernel.shape[3]), x.dtype))
+                  new_array((x.shape[0], out_h, out_w, kernel.shape[3]), x.dtype))
     if bias is not None:
         y += along_width(bias, out_w)
     return y, (x, pads, bn)
@@ -242,12 +278,13 @@ def conv_backward(layer, dy, cache):
     dy = np.ascontiguousarray(dy)
     if layer.strides == (1, 1):
         turned = np.ascontiguousarray(matrix.reshape(kernel.shape)[::-1, ::-1].transpose(0, 1, 3, 2))
-        dx = conv_rows(dy, turned, (1, 1), backward_pads((kh, kw), pads), np.empty_like(x))
+        dx = conv_rows(dy, turned, (1, 1), backward_pads((kh, kw), pads), new_like(x))
     else:
         out_hw = dy.shape[1:3]
         columns = (dy.reshape(-1, c_out) @ matrix.T).reshape(dy.shape[:3] + (kh, kw, c_in))
         (top, bottom), (left, right) = pads
-        dx_pad = np.zeros((x.shape[0], x.shape[1] + top + bottom, x.shape[2] + left + right, c_in), x.dtype)
+        dx_pad = new_array((x.shape[0], x.shape[1] + top + bottom, x.shape[2] + left + right, c_in), x.dtype)
+        dx_pad[...] = 0
         for p in range(kh):
             for q in range(kw):
                 window(dx_pad, p, q, out_hw, layer.strides)[...] += columns[:, :, :, p, q]
@@ -265,10 +302,11 @@ def separable_forward(layer, x, training, bn=None, relu=False):
     p = layer.params
     n, _, _, c_in = x.shape
     (out_h, out_w), pads = window_geometry(x.shape[1:3], layer.kernel_size, (1, 1), layer.padding)
-    z = depthwise_rows(x, p['depthwise_kernel'][:, :, :, 0], pads, np.empty((n, out_h, out_w, c_in), x.dtype),
+    z = depthwise_rows(x, p['depthwise_kernel'][:, :, :, 0], pads, new_array((n, out_h, out_w, c_in), x.dtype),
                        relu=relu)
     matrix, bias = _matrix_and_bias(p['pointwise_kernel'], p.get('bias'), bn)   # (C_in, C_out)
-    y = (z.reshape(-1, c_in) @ matrix).reshape(n, out_h, out_w, -1)
+    y = new_array((n, out_h, out_w, matrix.shape[1]), x.dtype)
+    np.matmul(z.reshape(-1, c_in), matrix, out=y.reshape(-1, matrix.shape[1]))
     if bias is not None:
         y += along_width(bias, out_w)
     return y, (x, z, pads, bn, relu)
@@ -283,11 +321,12 @@ def separable_backward(layer, dy, cache):
     matrix, _ = _matrix_and_bias(kernel, bias, bn)
     dy = np.ascontiguousarray(dy)
     dy_rows = dy.reshape(-1, matrix.shape[1])                                 # (N*H*W, C_out)
-    dz = (dy_rows @ matrix.T).reshape(z.shape)                                # (N, H, W, C_in)
+    dz = new_like(z)                                                          # (N, H, W, C_in)
+    np.matmul(dy_rows, matrix.T, out=dz.reshape(-1, matrix.shape[0]))
     g = z.reshape(-1, matrix.shape[0]).T @ dy_rows                            # (C_in, C_out)
     ddepthwise = depthwise_kernel_gradient(x, dz, layer.kernel_size, pads, relu=relu)[..., None]
     turned = p['depthwise_kernel'][::-1, ::-1, :, 0]
-    dx = depthwise_rows(dz, turned, backward_pads(layer.kernel_size, pads), np.empty_like(x),
+    dx = depthwise_rows(dz, turned, backward_pads(layer.kernel_size, pads), new_like(x),
                         mask=x if relu else None)
     return dx, _parameter_gradients(layer, kernel, bias, g, dy, bn, ddepthwise)
 
@@ -301,7 +340,7 @@ def batch_norm_forward(layer, x, training):
     inv_std = 1.0 / np.sqrt(p['moving_variance'] + layer.epsilon)
     scale = p['gamma'] * inv_std
     width = x.shape[2]
-    y = np.multiply(x, along_width(scale, width))
+    y = np.multiply(x, along_width(scale, width), out=new_like(x))
     y += along_width(p['beta'] - p['moving_mean'] * scale, width)
     return y, (x, inv_std, scale)
 
@@ -312,7 +351,7 @@ def batch_norm_backward(layer, dy, cache):
     x, inv_std, scale = cache
     n, h, width, channels = x.shape
     scale_row, mean_row = along_width(scale, width), along_width(layer.params['moving_mean'], width)
-    dx = np.empty_like(dy)
+    dx = new_like(dy)
     rows = max(1, SUM_BYTES // (width * channels * x.itemsize))
     centred = np.empty((min(rows, h), width, channels), x.dtype)
     dgamma, dbeta = np.zeros(channels, x.dtype), np.zeros(channels, x.dtype)
@@ -334,15 +373,16 @@ def max_pool_forward(layer, x, training):
     n, _, width, channels = x.shape
     (kh, _), (sh, _) = layer.pool_size, layer.strides
     (out_h, out_w), pads = window_geometry(x.shape[1:3], layer.pool_size, layer.strides, layer.padding)
-    y = np.empty((n, out_h, out_w, channels), x.dtype)
-    argmax = np.empty(y.shape, np.int8)
+    y = new_array((n, out_h, out_w, channels), x.dtype)
+    argmax = new_array(y.shape, np.int8)
     tiles = _tiles(n, out_h, sh * width * channels * x.itemsize)
     tile_images, tile_rows = max(_extent(tile) for tile in tiles)
-    x_tile = np.empty((tile_images, (tile_rows - 1) * sh + kh, width + sum(pads[1]), channels), x.dtype)
+    x_tile = new_array((tile_images, (tile_rows - 1) * sh + kh, width + sum(pads[1]), channels), x.dtype)
     for images, top, bottom in tiles:
         padded = gather_rows(x, images, top, bottom, kh, sh, pads, x_tile, fill=-np.inf)
         y[images, top:bottom], (_, argmax[images, top:bottom], *_) = max_pool2d_forward(
             padded, layer.pool_size, layer.strides, 'valid')
+    done_with(x_tile)
     return y, (x.shape, argmax, pads)
 
 
@@ -353,7 +393,8 @@ def max_pool_backward(layer, dy, cache):
     n, h, width, channels = x_shape
     (kh, _), (sh, _) = layer.pool_size, layer.strides
     (top_pad, bottom_pad), (left, right) = pads
-    dx_pad = np.zeros((n, h + top_pad + bottom_pad, width + left + right, channels), dy.dtype)
+    dx_pad = new_array((n, h + top_pad + bottom_pad, width + left + right, channels), dy.dtype)
+    dx_pad[...] = 0
     for images, top, bottom in _tiles(n, dy.shape[1], sh * width * channels * dy.itemsize):
         rows_in = (bottom - top - 1) * sh + kh
         tile_shape = (images.stop - images.start, rows_in, width + left + right, channels)
@@ -382,7 +423,10 @@ def _layer_forward(layer, inputs, training, fused=None):
     """(y, cache, backward function) for one layer on one share of the batch. fused: the
     keyword arguments that fuse neighbouring layers into it (``plan_fusion``), or None."""
     if isinstance(layer, Add):                  # two inputs, no parameters, no cache
-        return layer.forward(*inputs), None, lambda dy, _: ((dy, dy), {layer.name: {}})
+        a, b = inputs
+        y = (np.add(a, b, out=new_like(a)) if isinstance(a, np.ndarray) and a.shape == b.shape
+             else layer.forward(a, b))          # (which names the shapes when they differ)
+        return y, None, lambda dy, _: ((dy, dy), {layer.name: {}})
     x, = inputs
     if isinstance(x, np.ndarray) and type(layer) in FAST_LAYERS:
         forward, backward = FAST_LAYERS[type(layer)]
@@ -454,6 +498,10 @@ class GradientEngine:
             threads = _usable_cores() if ThreadpoolController is not None else 1
         self.workers = Workers(int(threads))
         self.threads = self.workers.threads
+        # Share i's outputs, caches and gradients come from buffers[i], kept from pass to pass:
+        # fresh memory costs a page fault per page on first write, which on a virtual machine
+        # can take longer than the arithmetic on it.
+        self.buffers = [BufferPool() for _ in range(self.threads)]
         self._shares = None                      # per share: (slice of the batch, its node records)
 
     def couples_examples(self, training):
@@ -471,23 +519,35 @@ class GradientEngine:
         return [slice(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
 
     def _each_share(self, function, count):
-        """Run function(share index) for every share: on the calling thread when there is one,
-        else on the workers with BLAS held to one thread. Returns the results in order."""
+        """Run function(share index) for every share, with that share's buffer pool: on the
+        calling thread when there is one share, else on the workers with BLAS held to one
+        thread. Returns the results in order."""
         results = [None] * count
-        if count == 1:
-            results[0] = function(0)
-            return results
 
-        def run(index, _slot):
-            results[index] = function(index)
+        def run(index, _slot=0):
+            _running.buffers = self.buffers[index]
+            try:
+                results[index] = function(index)
+            finally:
+                _running.buffers = None
+        if count == 1:
+            run(0)
+            return results
         with single_threaded_blas() or contextlib.nullcontext():
             self.workers.each(run, list(range(count)))
         return results
+
+    def _release(self):
+        """Drop the caches of the last forward pass and take back all the memory lent for it."""
+        self._shares = None
+        for buffers in self.buffers:
+            buffers.give_back_all()
 
     def forward(self, x, training=False):
         """Like ``model.forward(x, training)``; keeps what ``backward`` needs."""
         model = self.model
         model.check_input(x)
+        self._release()
         last_use = model._last_use()
         slices = self._share_slices(x, training)
         fused, absorbed = plan_fusion(model, training) if isinstance(x, np.ndarray) else ({}, set())
@@ -513,7 +573,7 @@ class GradientEngine:
         results = self._each_share(run, len(slices))
         self._shares = [(share, records) for share, (_, records) in zip(slices, results)]
         outputs = [y for y, _ in results]
-        return outputs[0] if len(outputs) == 1 else np.concatenate(outputs)
+        return np.array(outputs[0]) if len(outputs) == 1 else np.concatenate(outputs)   # not pool memory
 
     def backward(self, dy):
         """Like ``model.backward(dy)`` after this engine's ``forward``: returns the gradient of
@@ -525,19 +585,28 @@ class GradientEngine:
         def run(index):
             share, records = shares[index]
             pending, grads = {nodes[-1].layer.name: dy[share]}, {}
+            buffers = self.buffers[index]
             for node, (cache, backward) in zip(reversed(nodes), reversed(records)):
-                input_grads, layer_grads = backward(pending.pop(node.layer.name), cache)
+                dy_node = pending.pop(node.layer.name)
+                input_grads, layer_grads = backward(dy_node, cache)
                 grads.update(layer_grads)
                 if len(node.inputs) == 1:
                     input_grads = (input_grads,)
                 for name, g in zip(node.inputs, input_grads):
                     pending[name] = pending[name] + g if name in pending else g
-            return pending['input'], grads
+                # dy_node is spent, unless a gradient still waiting is it or a view of it
+                # (an Add passes its dy on to both inputs; a linear activation passes it through).
+                if not any(np.may_share_memory(dy_node, g) for g in pending.values()):
+                    buffers.give_back(dy_node)
+            return np.array(pending['input']), grads                   # not pool memory
 
         results = self._each_share(run, len(shares))
-        self._shares = None                        # the caches are spent; free them
+        self._release()                            # the caches are spent
         for node in nodes:
             parts = [grads.get(node.layer.name, {}) for _, grads in results]     # a fused ReLU has none
-            node.layer.grads = {name: sum(part[name] for part in parts) for name in parts[0]}
+            for part in parts[1:]:                  # add the other shares' into the first's (fresh arrays)
+                for name, gradient in part.items():
+                    parts[0][name] += gradient
+            node.layer.grads = parts[0]
         dxs = [dx for dx, _ in results]
         return dxs[0] if len(dxs) == 1 else np.concatenate(dxs)

@@ -347,3 +347,27 @@ def test_wrong_input_shape_is_named(rng):
     model = chain((6, 6, 3), L.Conv2D(4, 3))
     with pytest.raises(minixcept.ShapeError, match=r'\(N, 6, 6, 3\)'):
         GradientEngine(model).forward(np.zeros((1, 5, 6, 3), np.float32))
+
+
+@pytest.mark.parametrize('threads', [1, 2])
+def test_memory_is_reused_and_results_belong_to_the_caller(rng, threads):
+    """After the first pass the buffer pools hold what a pass needs and stop growing; what
+    forward and backward returned (and each layer's grads) is not pool memory, so the next
+    pass leaves it alone."""
+    model = randomise(chain((12, 12, 3), L.Conv2D(8, 3, padding='same'), L.BatchNormalization(), L.ReLU(),
+                            L.SeparableConv2D(8, 3, padding='same'), L.BatchNormalization(),
+                            L.MaxPooling2D(3, 2, padding='same'), L.ReLU(), L.SeparableConv2D(4, 3)), rng)
+    engine = GradientEngine(model, threads=threads)
+    x = rng.standard_normal((4, 12, 12, 3)).astype(np.float32)
+    dy = rng.standard_normal((4, 4, 4, 4)).astype(np.float32)
+    y, dx = engine.forward(x), engine.backward(dy)
+    grads = model.layers[0].grads['kernel']
+    kept = y.copy(), dx.copy(), grads.copy()
+    held = [pool.nbytes for pool in engine.buffers]
+    assert min(held) > 0
+    y2 = engine.forward(rng.standard_normal(x.shape).astype(np.float32))
+    engine.backward(rng.standard_normal(dy.shape).astype(np.float32))
+    assert [pool.nbytes for pool in engine.buffers] == held
+    assert not np.allclose(y2, y)
+    for array, copy_ in zip((y, dx, grads), kept):
+        np.testing.assert_array_equal(array, copy_)
