@@ -34,7 +34,7 @@ checks the outputs, the input gradient and every weight's gradient against
   gradient tile by tile; the ReLU's output is never stored.
 - **Full convolutions as im2col a block of rows at a time** and one matrix product per
   block, and **max pooling tile by tile**, each tile through the plain layer's own code.
-
+- **Other ReLUs in one pass** (the maximum with a row of zeros), keeping only their output.
 - **Memory kept from pass to pass.** Each share's outputs, caches, gradients and scratch
   come from a buffer pool (``fast.BufferPool``) that the engine keeps: fresh memory costs a
   page fault per page on first write, and on a virtual machine a pass through fresh memory
@@ -388,23 +388,44 @@ def max_pool_forward(layer, x, training):
 
 def max_pool_backward(layer, dy, cache):
     """Each tile of dy goes back through the plain layer's backward into the padded rows its
-    windows covered; neighbouring tiles share a halo row, so their parts are added."""
+    windows covered, and the part of those rows inside the input is added into dx:
+    neighbouring tiles share a halo row. (The padding, -inf, never wins a max, so nothing is
+    lost.) dx comes out contiguous, as the matrix products of the layer below want it."""
     x_shape, argmax, pads = cache
     n, h, width, channels = x_shape
     (kh, _), (sh, _) = layer.pool_size, layer.strides
-    (top_pad, bottom_pad), (left, right) = pads
-    dx_pad = new_array((n, h + top_pad + bottom_pad, width + left + right, channels), dy.dtype)
-    dx_pad[...] = 0
+    (top_pad, _), (left, right) = pads
+    dx = new_array(x_shape, dy.dtype)
+    dx[...] = 0
     for images, top, bottom in _tiles(n, dy.shape[1], sh * width * channels * dy.itemsize):
         rows_in = (bottom - top - 1) * sh + kh
         tile_shape = (images.stop - images.start, rows_in, width + left + right, channels)
-        dx_pad[images, top * sh:top * sh + rows_in] += max_pool2d_backward(
-            dy[images, top:bottom], (tile_shape, argmax[images, top:bottom], layer.pool_size, layer.strides,
-                                     'valid'))
-    return dx_pad[:, top_pad:top_pad + h, left:left + width], {layer.name: {}}
+        dx_tile = max_pool2d_backward(dy[images, top:bottom], (tile_shape, argmax[images, top:bottom],
+                                                               layer.pool_size, layer.strides, 'valid'))
+        first = top * sh - top_pad                     # the input row under the tile's first row
+        inside = slice(max(first, 0), min(first + rows_in, h))
+        dx[images, inside] += dx_tile[:, inside.start - first:inside.stop - first, left:left + width]
+    return dx, {layer.name: {}}
+
+
+def relu_forward(layer, x, training):
+    """A ReLU not fused into a convolution: one pass (the zero repeated along W, see
+    ``fast.along_width``); keeps its output, whose positive entries are where x was positive."""
+    if layer.activation != 'relu':
+        return None
+    y = np.maximum(x, np.zeros(x.shape[-2:] if x.ndim > 2 else x.shape[-1:], x.dtype), out=new_like(x))
+    return y, y
+
+
+def relu_backward(layer, dy, y):
+    positive = np.greater(y, 0, out=new_array(y.shape, bool))
+    dx = np.multiply(dy, positive, out=new_like(dy))
+    done_with(positive)
+    return dx, {layer.name: {}}
 
 
 FAST_LAYERS = {
+    Activation: (relu_forward, relu_backward),
     MaxPooling2D: (max_pool_forward, max_pool_backward),
     Conv2D: (conv_forward, conv_backward),
     SeparableConv2D: (separable_forward, separable_backward),
@@ -586,18 +607,30 @@ class GradientEngine:
             share, records = shares[index]
             pending, grads = {nodes[-1].layer.name: dy[share]}, {}
             buffers = self.buffers[index]
+
+            def spent(array):
+                """Back to the pool, unless a gradient still waiting is this array or a view of it
+                (an Add passes its dy on to both inputs; a linear activation passes it through)."""
+                if not any(np.may_share_memory(array, g) for g in pending.values()):
+                    buffers.give_back(array)
+
             for node, (cache, backward) in zip(reversed(nodes), reversed(records)):
                 dy_node = pending.pop(node.layer.name)
                 input_grads, layer_grads = backward(dy_node, cache)
                 grads.update(layer_grads)
                 if len(node.inputs) == 1:
                     input_grads = (input_grads,)
+                used = [dy_node]
                 for name, g in zip(node.inputs, input_grads):
-                    pending[name] = pending[name] + g if name in pending else g
-                # dy_node is spent, unless a gradient still waiting is it or a view of it
-                # (an Add passes its dy on to both inputs; a linear activation passes it through).
-                if not any(np.may_share_memory(dy_node, g) for g in pending.values()):
-                    buffers.give_back(dy_node)
+                    if name not in pending:
+                        pending[name] = g
+                    else:                                   # a tensor read twice: its gradients add
+                        earlier = pending.pop(name)
+                        pending[name] = np.add(earlier, g, out=new_array(np.broadcast_shapes(earlier.shape, g.shape),
+                                                                         np.result_type(earlier, g)))
+                        used += [earlier, g]
+                for array in used:                          # once every input has its gradient
+                    spent(array)
             return np.array(pending['input']), grads                   # not pool memory
 
         results = self._each_share(run, len(shares))

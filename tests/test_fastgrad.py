@@ -19,6 +19,7 @@ from conftest import relative_error
 from minixcept import fastgrad
 from minixcept import layers as L
 from minixcept.fastgrad import GradientEngine
+from minixcept.model import Model
 from test_fast_paths import chain, randomise, use_tiles
 
 TOLERANCE = 1e-5
@@ -203,6 +204,16 @@ def test_max_pool_matches_plain(tiles, rng, side, pool_size, strides, padding):
     np.testing.assert_array_equal(fastgrad.max_pool_forward(layer, x, False)[0], layer._forward(x, False)[0])
 
 
+@pytest.mark.parametrize('shape', [(3, 5, 6, 4), (7, 5)])
+def test_relu_matches_plain(rng, shape):
+    layer = L.ReLU()
+    layer.build(shape)
+    x = rng.standard_normal(shape).astype(np.float32)
+    x.flat[::5] = 0                                       # the kink: gradient 0, as in Keras
+    assert_pair_matches_plain(layer, fastgrad.relu_forward, fastgrad.relu_backward, x, rng)
+    assert fastgrad.relu_forward(L.Activation('sigmoid'), x, False) is None
+
+
 def test_batch_norm_on_batch_statistics_is_left_to_the_layer(rng):
     layer = built(L.BatchNormalization(), (3, 7, 6, 5), rng)
     assert fastgrad.batch_norm_forward(layer, np.ones((3, 7, 6, 5), np.float32), True) is None
@@ -371,3 +382,26 @@ def test_memory_is_reused_and_results_belong_to_the_caller(rng, threads):
     assert not np.allclose(y2, y)
     for array, copy_ in zip((y, dx, grads), kept):
         np.testing.assert_array_equal(array, copy_)
+
+
+@pytest.mark.parametrize('threads', [1, 2])
+def test_fan_out_gradients_add_and_shared_gradients_survive(rng, threads):
+    """A graph where a tensor is read by a residual add and by a layer after it, and an add
+    whose gradient goes on, one array, to both its inputs: the engine recycles spent gradients
+    into its pool, and must never recycle one that an input still waits for. Compared with the
+    plain pass in float64."""
+    model = Model((8, 8, 3))
+    a = model.add(L.Conv2D(4, 3, padding='same', name='a'))
+    c = model.add(L.SeparableConv2D(4, 3, padding='same', name='c'), 'input')
+    s = model.add(L.Add(name='s'), a, c)
+    d = model.add(L.SeparableConv2D(4, 3, padding='same', name='d'), a)
+    model.add(L.Add(name='out'), s, d)
+    model.add(L.ReLU(name='relu'))
+    model.add(L.SeparableConv2D(5, 3, name='last'))
+    randomise(model, rng)
+    for layer in model.layers:
+        layer.astype('float64')
+    x = rng.standard_normal((4, 8, 8, 3))
+    dy = rng.standard_normal((4, 6, 6, 5))
+    expected = run_plain(model, x, dy, training=False)
+    assert_same_pass(run_engine(model, x, dy, False, threads), expected, FLOAT64_TOLERANCE)
