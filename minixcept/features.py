@@ -68,16 +68,16 @@ class Features:
 
 # -- the network part --------------------------------------------------------------------------
 
-def bottleneck_features(model, pixels):
+def bottleneck_features(model, pixels, fast=True):
     """Photos (N, H, W, 3) uint8 in [0, 255] -> features (N, D) float32 through ``model``.
 
-    Inference only, under ``no_grad()``, through ``model.predict`` (the model's fastest
-    inference path). N may be 0.
+    Inference only, under ``no_grad()``, through ``model.predict``: with ``fast``, the model's
+    fastest inference path (``minixcept.fast``), else the plain layers. N may be 0.
     """
     if len(pixels) == 0:
         return np.zeros((0, model.output_shape()[-1]), np.float32)
     with no_grad():
-        return np.asarray(model.predict(preprocess_input(pixels), batch_size=len(pixels)), np.float32)
+        return np.asarray(model.predict(preprocess_input(pixels), batch_size=len(pixels), fast=fast), np.float32)
 
 
 # -- what the features depend on ---------------------------------------------------------------
@@ -314,7 +314,7 @@ def _write_cache(cache_file, key, features, image_size, root):
 # -- extraction ----------------------------------------------------------------------------------
 
 def extract_features(model, folder, batch_size=32, cache_file=None, key=None, interpolation='bilinear',
-                     label='', show_progress=True, on_batch=None, log=_warn):
+                     label='', show_progress=True, on_batch=None, log=_warn, fast=True):
     """Bottleneck features of every photo in ``folder`` (an ImageFolder), through ``model``.
 
     model: Xception(include_top=False, pooling='avg') or any model whose input is
@@ -324,7 +324,8 @@ def extract_features(model, folder, batch_size=32, cache_file=None, key=None, in
     show_progress: a progress line on standard error (see Progress).
     on_batch(done, total): called after each batch is safely stored.
     Photos that fail to decode are skipped with a warning through ``log`` and listed in
-    ``Features.skipped``. Returns Features.
+    ``Features.skipped``. fast: False runs the plain layers instead of the inference engine
+    (same features to float32 rounding, slower; for comparison). Returns Features.
     """
     if (cache_file is None) != (key is None):
         raise ValueError('extract_features needs both cache_file and key, or neither')
@@ -354,7 +355,7 @@ def extract_features(model, folder, batch_size=32, cache_file=None, key=None, in
             pixels, loaded, failures = load_batch(folder.files[begin:end], image_size, interpolation)
             for path, reason in failures:
                 log(f'warning: skipping {path}: {reason}')
-            chunk = _Chunk(begin, end, bottleneck_features(model, pixels),
+            chunk = _Chunk(begin, end, bottleneck_features(model, pixels, fast=fast),
                            np.asarray(loaded, dtype=np.int64) + begin,
                            [(relative(path), reason) for path, reason in failures])
             if partial is not None:

@@ -20,6 +20,7 @@ import pytest
 from PIL import Image
 
 import minixcept
+from conftest import relative_error
 from minixcept import layers, losses, optimizers
 from minixcept.features import Progress, cache_key, extract_features, read_cache, weights_checksum
 from minixcept.images import image_folder
@@ -254,6 +255,18 @@ def test_an_interrupted_extraction_resumes_to_the_same_features(xp, small_catdog
     assert hit.cache == 'hit' and hit.photos_computed == 0
     np.testing.assert_array_equal(hit.features, uninterrupted.features)
     assert hit.files == folder.files and hit.class_names == ['cats', 'dogs']
+
+
+def test_extraction_through_the_plain_layers_gives_the_same_features(small_catdog):
+    """fast=False (what benchmarks/extraction.py compares against) runs the plain layers: the
+    same photos, the same features to float32 rounding."""
+    base = random_base()
+    folder = image_folder(small_catdog / 'validation').limit(3)
+    quiet = dict(batch_size=4, show_progress=False, log=lambda message: None)
+    engine = extract_features(base, folder, **quiet)
+    plain = extract_features(base, folder, fast=False, **quiet)
+    assert plain.files == engine.files and len(plain.files) == 6
+    assert relative_error(engine.features, plain.features) <= 1e-5
 
 
 def test_a_changed_photo_or_size_changes_the_key_and_the_cache_is_rebuilt(small_catdog, tmp_path):
