@@ -7,14 +7,16 @@ checks the outputs, the input gradient and every weight's gradient against
 ``model.forward`` + ``model.backward``. What changes:
 
 - **One thread per core, each on its share of the batch**, with the BLAS library held
-  to one thread. When no layer mixes the examples of a batch (batch-norm on its moving
-  statistics, no dropout drawing masks), the gradient of a batch is the sum of the
-  gradients of its parts, so each thread runs forward and backward on its share with
-  caches of its own, and the weight gradients are added up at the end. (On two cores
-  this alone is about 1.7x faster than one thread driving a two-thread BLAS: the
-  element-wise work no longer leaves a core idle, and no matrix product waits for a
-  core another process has taken.) When batch statistics or dropout couple the batch,
-  the whole batch runs on one share.
+  to one thread. The gradient of a batch is the sum of the gradients of its parts, so
+  each thread runs forward and backward on its share with caches of its own, and the
+  weight gradients are added up at the end. (On two cores this alone is about 1.7x
+  faster than one thread driving a two-thread BLAS: the element-wise work no longer
+  leaves a core idle, and no matrix product waits for a core another process has
+  taken.) A batch-norm on batch statistics mixes the examples: there the shares add up
+  their sums (``ShareSums``: sum and squared deviations forward, sum(dy) and
+  sum(dy * x_hat) backward) and each goes on with the whole batch's numbers. Only
+  dropout in training, which draws its masks from one generator in sequence, makes the
+  whole batch run as one share.
 - **Depthwise convolutions tile by tile** (stride 1, any padding), in the CPU cache, with
   ``fast.py``'s padded row tiles and multiply-adds. Their backward pass is the same
   kind of work: the input gradient of a stride-1 depthwise convolution is a depthwise
@@ -28,7 +30,8 @@ checks the outputs, the input gradient and every weight's gradient against
 - **Batch-norm on moving statistics folded into the convolution before it**, forward and
   backward (see ``FoldedBatchNorm``): one matrix product gives the batch-norm's output, and
   the product that gives the kernel gradient also gives gamma's. A batch-norm that cannot
-  fold runs in single passes over rows repeated along W (see ``fast.along_width``).
+  fold, or that trains on batch statistics, runs in whole-array passes with its per-channel
+  numbers repeated along W (see ``fast.along_width``).
 - **A ReLU before a separable convolution runs inside it**: applied while the depthwise
   step copies its input rows into the padded tile, and its mask applied to the input
   gradient tile by tile; the ReLU's output is never stored.
@@ -66,7 +69,39 @@ SUM_BYTES = 256 * 1024
 
 # -- memory -------------------------------------------------------------------------------------
 
-_running = threading.local()           # .buffers: the BufferPool of the share this thread runs
+_running = threading.local()           # .buffers, .share: the pool and the ShareSums of the share this thread runs
+
+
+class ShareSums:
+    """Sums over the shares of one batch, for a layer whose statistics span the whole batch
+    (batch-norm on batch statistics): ``sums(arrays)``, called by every share's thread at the
+    same layer with its own partial sums, returns the totals to each of them, added in share
+    order so that every share gets the same numbers."""
+
+    def __init__(self, count):
+        self.count = count
+        self._parts = [None] * count
+        self._barrier = threading.Barrier(count)
+
+    def __call__(self, index, *partial):
+        if self.count == 1:
+            return partial
+        self._parts[index] = partial
+        self._barrier.wait()                   # every share has put its part
+        totals = tuple(sum(part[i] for part in self._parts) for i in range(len(partial)))
+        self._barrier.wait()                   # every share has read them: the parts may change
+        return totals
+
+    def abort(self):
+        """Release the shares waiting: one of them failed (they raise BrokenBarrierError)."""
+        self._barrier.abort()
+
+
+def share_sums(*partial):
+    """The totals over the running batch's shares of these partial sums (the partial sums
+    themselves outside an engine, or with one share)."""
+    share = getattr(_running, 'share', None)
+    return partial if share is None else share[1](share[0], *partial)
 
 
 def new_array(shape, dtype):
@@ -366,6 +401,53 @@ def batch_norm_backward(layer, dy, cache):
     return dx, {layer.name: {'gamma': dgamma * inv_std, 'beta': dbeta}}
 
 
+def batch_norm_train_forward(layer, x, training):
+    """BatchNormalization on batch statistics, for (N, H, W, C) inputs, with the batch shared
+    out between threads: the mean and the (biased) variance are sums over the whole batch,
+    gathered from every share (``share_sums``), in two passes as the plain layer computes them.
+    The moving statistics move once, by the share with the first examples. None where it does
+    not apply (moving statistics: see ``batch_norm_forward``)."""
+    if not (training and layer.trainable) or x.ndim != 4:
+        return None
+    p = layer.params
+    width = x.shape[2]
+    total, count = share_sums(x.sum(axis=(0, 1, 2), dtype=x.dtype), x.size // x.shape[-1])
+    mean = total / count
+    centred = np.subtract(x, along_width(mean, width), out=new_like(x))
+    (variance,) = share_sums(np.einsum('nijc,nijc->c', centred, centred))
+    variance = variance / count
+    done_with(centred)
+    inv_std = 1.0 / np.sqrt(variance + layer.epsilon)
+    scale = p['gamma'] * inv_std
+    y = np.multiply(x, along_width(scale, width), out=new_like(x))
+    y += along_width(p['beta'] - mean * scale, width)
+    share = getattr(_running, 'share', None)
+    if share is None or share[0] == 0:
+        p['moving_mean'] = p['moving_mean'] * layer.momentum + mean * (1 - layer.momentum)
+        p['moving_variance'] = p['moving_variance'] * layer.momentum + variance * (1 - layer.momentum)
+    return y, (x, mean, inv_std, count)
+
+
+def batch_norm_train_backward(layer, dy, cache):
+    """dx = gamma * inv_std / m * (m * dy - dbeta - x_hat * dgamma), with dbeta = sum(dy) and
+    dgamma = sum(dy * x_hat) over the whole batch (m values per channel), gathered from every
+    share. Each share reports its own part of dbeta and dgamma; the engine adds them up."""
+    x, mean, inv_std, count = cache
+    width = x.shape[2]
+    x_hat = np.subtract(x, along_width(mean, width), out=new_like(x))
+    x_hat *= along_width(inv_std, width)
+    dbeta_part = dy.sum(axis=(0, 1, 2))
+    dgamma_part = np.einsum('nijc,nijc->c', dy, x_hat)
+    dbeta, dgamma = share_sums(dbeta_part, dgamma_part)
+    dx = np.multiply(dy, count, out=new_like(dy))
+    dx -= along_width(dbeta, width)
+    x_hat *= along_width(dgamma, width)
+    dx -= x_hat
+    dx *= along_width(layer.params['gamma'] * inv_std / count, width)
+    done_with(x_hat)
+    return dx, {layer.name: {'gamma': dgamma_part, 'beta': dbeta_part}}
+
+
 def max_pool_forward(layer, x, training):
     """MaxPooling2D tile by tile: each tile of output rows gets its (-inf-)padded input rows,
     and the plain layer's own forward runs on that tile with 'valid' padding, in cache. Keeps
@@ -424,12 +506,15 @@ def relu_backward(layer, dy, y):
     return dx, {layer.name: {}}
 
 
+# For each layer type, its fast (forward, backward) pairs; the first whose forward takes the
+# case (does not return None) runs.
 FAST_LAYERS = {
-    Activation: (relu_forward, relu_backward),
-    MaxPooling2D: (max_pool_forward, max_pool_backward),
-    Conv2D: (conv_forward, conv_backward),
-    SeparableConv2D: (separable_forward, separable_backward),
-    BatchNormalization: (batch_norm_forward, batch_norm_backward),
+    Activation: [(relu_forward, relu_backward)],
+    MaxPooling2D: [(max_pool_forward, max_pool_backward)],
+    Conv2D: [(conv_forward, conv_backward)],
+    SeparableConv2D: [(separable_forward, separable_backward)],
+    BatchNormalization: [(batch_norm_forward, batch_norm_backward),
+                         (batch_norm_train_forward, batch_norm_train_backward)],
 }
 
 
@@ -449,11 +534,10 @@ def _layer_forward(layer, inputs, training, fused=None):
              else layer.forward(a, b))          # (which names the shapes when they differ)
         return y, None, lambda dy, _: ((dy, dy), {layer.name: {}})
     x, = inputs
-    if isinstance(x, np.ndarray) and type(layer) in FAST_LAYERS:
-        forward, backward = FAST_LAYERS[type(layer)]
+    for forward, backward in FAST_LAYERS.get(type(layer), []) if isinstance(x, np.ndarray) else []:
         result = forward(layer, x, training, **(fused or {}))
         if result is not None:
-            return result[0], result[1], lambda dy, cache: backward(layer, dy, cache)
+            return result[0], result[1], lambda dy, cache, backward=backward: backward(layer, dy, cache)
     y, cache = layer._forward(x, training)
 
     def plain_backward(dy, cache):
@@ -508,9 +592,8 @@ class GradientEngine:
 
     threads: how many shares a batch is cut into, each run on its own thread while BLAS is
     held to one thread (default: one per usable core when threadpoolctl is installed, else 1).
-    A batch with fewer examples than threads, a batch whose examples the layers couple
-    (batch statistics or dropout in training), and GPU arrays run as one share on the
-    calling thread, with BLAS's own threads.
+    A batch with fewer examples than threads, a batch through active dropout in training,
+    and GPU arrays run as one share on the calling thread, with BLAS's own threads.
     """
 
     def __init__(self, model, threads=None):
@@ -525,16 +608,16 @@ class GradientEngine:
         self.buffers = [BufferPool() for _ in range(self.threads)]
         self._shares = None                      # per share: (slice of the batch, its node records)
 
-    def couples_examples(self, training):
-        """Whether some layer's result for one example depends on the others in the batch
-        (batch-norm on batch statistics) or on random draws (dropout), in this mode."""
-        return training and any(
-            (isinstance(layer, BatchNormalization) and layer.trainable)
-            or (isinstance(layer, Dropout) and layer.rate > 0) for layer in self.model.layers)
+    def needs_one_share(self, training):
+        """Whether the batch must run as one share in this mode: a dropout layer draws its
+        masks from one generator, example after example, and shares would draw them in
+        another order. (Batch-norm on batch statistics does not need it: its shares add up
+        their sums, see ``ShareSums``. On a GPU a batch is always one share.)"""
+        return training and any(isinstance(layer, Dropout) and layer.rate > 0 for layer in self.model.layers)
 
     def _share_slices(self, x, training):
         if (self.threads == 1 or len(x) < self.threads or not isinstance(x, np.ndarray)
-                or self.couples_examples(training)):
+                or self.needs_one_share(training)):
             return [slice(0, len(x))]
         bounds = np.linspace(0, len(x), self.threads + 1).round().astype(int)
         return [slice(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
@@ -544,13 +627,19 @@ class GradientEngine:
         calling thread when there is one share, else on the workers with BLAS held to one
         thread. Returns the results in order."""
         results = [None] * count
+        sums = ShareSums(count)
 
         def run(index, _slot=0):
-            _running.buffers = self.buffers[index]
+            _running.buffers, _running.share = self.buffers[index], (index, sums)
             try:
                 results[index] = function(index)
+            except threading.BrokenBarrierError:
+                pass                             # another share failed: its error is the one raised
+            except BaseException:
+                sums.abort()                     # let the shares waiting for this one go
+                raise
             finally:
-                _running.buffers = None
+                _running.buffers = _running.share = None
         if count == 1:
             run(0)
             return results

@@ -133,7 +133,7 @@ def test_batch_norm_folded_into_the_convolution_matches_plain(tiles, rng, convol
     dy = rng.standard_normal(expected_y.shape).astype(np.float32)
     du, expected_bn_grads = bn._backward(dy, bn_cache)
     expected_dx, expected_conv_grads = conv._backward(du, conv_cache)
-    forward, backward = fastgrad.FAST_LAYERS[type(conv)]
+    forward, backward = fastgrad.FAST_LAYERS[type(conv)][0]
     y, cache = forward(conv, x, False, bn=fastgrad.FoldedBatchNorm(bn))
     dx, grads = backward(conv, dy, cache)
     assert relative_error(y, expected_y) <= TOLERANCE
@@ -284,22 +284,62 @@ def test_xception_engine_matches_plain_at_inference_statistics(monkeypatch, rng,
     assert_same_pass(run_engine(model, x, dy, False, threads), expected, FLOAT64_TOLERANCE)
 
 
-def test_xception_engine_matches_plain_with_batch_statistics(rng):
-    """Training with batch statistics couples the examples: one share, the batch-norms on their
-    own pair, and the moving statistics move exactly as in the plain pass."""
+@pytest.mark.parametrize('threads, batch', [(1, 3), (2, 3), (3, 3), (2, 5)])
+def test_xception_engine_matches_plain_with_batch_statistics(monkeypatch, rng, threads, batch):
+    """Training with batch statistics: the shares add up their sums for every batch-norm's mean,
+    variance and gradient sums, so each share normalises with the whole batch's statistics;
+    the outputs, all gradients and the moving statistics (moved once) equal the plain pass's."""
+    use_tiles(monkeypatch, 8 * 1024)
     model = float64_xception(rng)
     twin = copy.deepcopy(model)
-    x = rng.uniform(-1, 1, (3, 71, 71, 3))
-    dy = rng.standard_normal((3, 2048))
+    x = rng.uniform(-1, 1, (batch, 71, 71, 3))
+    dy = rng.standard_normal((batch, 2048))
     expected = run_plain(model, x, dy, training=True)
-    engine = GradientEngine(twin, threads=2)
-    assert len(engine._share_slices(x, training=True)) == 1
+    engine = GradientEngine(twin, threads=threads)
+    assert len(engine._share_slices(x, training=True)) == threads
     got_y = engine.forward(x, training=True)
     got = (got_y, engine.backward(dy), {layer.name: dict(layer.grads) for layer in twin.layers})
     assert_same_pass(got, expected, FLOAT64_TOLERANCE)
     for layer, twin_layer in zip(model.layers, twin.layers):
         for name in layer.params:
             np.testing.assert_allclose(twin_layer.params[name], layer.params[name], rtol=1e-12, atol=0)
+
+
+def test_batch_norm_on_batch_statistics_alone_matches_plain(rng):
+    """The batch-statistics pair outside an engine (one share): against the plain layer, with
+    the moving statistics moved the same way."""
+    layer = built(L.BatchNormalization(), (3, 7, 6, 5), rng)
+    plain, fast, initial = copy.deepcopy(layer), copy.deepcopy(layer), copy.deepcopy(layer)
+    x = rng.normal(0.3, 2.0, (3, 7, 6, 5)).astype(np.float32)
+    assert_pair_matches_plain(layer, fastgrad.batch_norm_train_forward, fastgrad.batch_norm_train_backward, x,
+                              rng, training=True)
+    plain._forward(x, True)
+    fastgrad.batch_norm_train_forward(fast, x, True)
+    for name in ('moving_mean', 'moving_variance'):
+        assert not np.allclose(fast.params[name], initial.params[name])        # they did move ...
+        np.testing.assert_allclose(fast.params[name], plain.params[name], rtol=1e-6)   # ... alike
+
+
+def test_a_failing_share_does_not_leave_the_others_waiting(rng):
+    """Shares wait for each other at every batch-norm on batch statistics; when one fails, the
+    others are let go and the error reaches the caller."""
+    model = chain((6, 6, 3), L.Conv2D(4, 3), L.BatchNormalization(), L.ReLU())
+    engine = GradientEngine(model, threads=2)
+    x = rng.standard_normal((4, 6, 6, 3)).astype(np.float32)
+    x[3, 0, 0, 0] = np.nan                                 # only the second share sees it
+
+    def fail_on_nan(layer, x, training):
+        if np.isnan(x).any():
+            raise FloatingPointError('a NaN in the input')
+        return None
+    pairs = fastgrad.FAST_LAYERS[L.Conv2D]
+    fastgrad.FAST_LAYERS[L.Conv2D] = [(fail_on_nan, None)] + pairs
+    try:
+        with pytest.raises(FloatingPointError, match='NaN'):
+            engine.forward(x, training=True)
+    finally:
+        fastgrad.FAST_LAYERS[L.Conv2D] = pairs
+    engine.forward(np.nan_to_num(x), training=True)       # and the engine still works
 
 
 def test_float32_xception_engine_matches_plain_output(rng):
@@ -314,22 +354,19 @@ def test_float32_xception_engine_matches_plain_output(rng):
     assert relative_error(got, expected) <= TOLERANCE
 
 
-def test_couples_examples(rng):
-    """Shares only where no layer couples the batch: frozen batch-norms and dropout at
-    inference do not, trainable batch-norms and active dropout in training do."""
+def test_one_share_only_for_active_dropout(rng):
+    """Dropout in training draws its masks in sequence from one generator: then the batch runs as
+    one share. Batch-norm, on either statistics, shares out; so does dropout at inference."""
     model = chain((6, 6, 3), L.Conv2D(4, 3), L.BatchNormalization(), L.ReLU(), L.GlobalAveragePooling2D(),
                   L.Dropout(0.0), L.Dense(2))
     engine = GradientEngine(model, threads=2)
     x = np.zeros((4, 6, 6, 3), np.float32)
-    assert not engine.couples_examples(training=False)
-    assert engine.couples_examples(training=True)
-    assert len(engine._share_slices(x, training=True)) == 1
-    model.layers[1].trainable = False
-    assert not engine.couples_examples(training=True)
+    assert not engine.needs_one_share(training=True)
     assert len(engine._share_slices(x, training=True)) == 2
     assert len(engine._share_slices(x[:1], training=True)) == 1          # fewer examples than threads
     model.layers[4].rate = 0.5
-    assert engine.couples_examples(training=True)
+    assert engine.needs_one_share(training=True) and not engine.needs_one_share(training=False)
+    assert len(engine._share_slices(x, training=True)) == 1
 
 
 def test_dropout_in_training_matches_plain(rng):
