@@ -644,6 +644,14 @@ def _usable_cores():
         return os.cpu_count() or 1
 
 
+def engine_workers(threads=None):
+    """The threads an engine runs on: ``threads``, by default one per usable core when
+    threadpoolctl is installed (it is what holds BLAS to one thread meanwhile), else 1."""
+    if threads is None:
+        threads = _usable_cores() if ThreadpoolController is not None else 1
+    return Workers(int(threads))
+
+
 _blas_controller = None
 
 
@@ -677,9 +685,7 @@ class InferenceEngine:
 
     def __init__(self, model, threads=None):
         self.model = model
-        if threads is None:
-            threads = _usable_cores() if ThreadpoolController is not None else 1
-        self.workers = Workers(int(threads))
+        self.workers = engine_workers(threads)
         self.threads = self.workers.threads
         self.buffers = [BufferPool() for _ in range(self.threads)]        # one pool per share
         self._plans = {}

@@ -57,7 +57,7 @@ import threading
 
 import numpy as np
 
-from .fast import (BufferPool, ThreadpoolController, Workers, _extent, _usable_cores, along_width, depthwise_tile, gather_rows,
+from .fast import (BufferPool, _extent, along_width, depthwise_tile, engine_workers, gather_rows,
                    im2col_tile, plan_blocks, single_threaded_blas)
 from .layers import Activation, Add, BatchNormalization, Conv2D, Dropout, MaxPooling2D, SeparableConv2D
 from .layers.pooling import max_pool2d_backward, max_pool2d_forward
@@ -598,9 +598,7 @@ class GradientEngine:
 
     def __init__(self, model, threads=None):
         self.model = model
-        if threads is None:
-            threads = _usable_cores() if ThreadpoolController is not None else 1
-        self.workers = Workers(int(threads))
+        self.workers = engine_workers(threads)
         self.threads = self.workers.threads
         # Share i's outputs, caches and gradients come from buffers[i], kept from pass to pass:
         # fresh memory costs a page fault per page on first write, which on a virtual machine
