@@ -188,8 +188,6 @@ def backward_pads(kernel_size, pads):
     return (kh - 1 - top, kh - 1 - bottom), (kw - 1 - left, kw - 1 - right)
 
 
-# -- the fast layers: (y, cache) = forward(layer, x, training); (dx, {name: grads}) = backward(layer, dy, cache)
-
 # -- full convolution: im2col a block at a time ---------------------------------------------------
 
 def im2col_blocks(x, kernel_size, strides, pads, out_hw):
@@ -233,6 +231,12 @@ def conv_kernel_gradient(x, dy, kernel_shape, strides, pads):
         dkernel += columns.reshape(-1, dkernel.shape[0]).T @ dy[images, top:bottom].reshape(-1, kernel_shape[3])
     return dkernel.reshape(kernel_shape)
 
+
+# -- the fast layers ------------------------------------------------------------------------------
+#
+# Each is a pair: (y, cache) = forward(layer, x, training, ...), or None where the pair does not
+# take the case, and (dx, {layer name: its grads}) = backward(layer, dy, cache). FAST_LAYERS, at
+# the end, lists them by layer type.
 
 class FoldedBatchNorm:
     """A batch-norm on its moving statistics, folded into the convolution before it.
@@ -609,9 +613,19 @@ class GradientEngine:
     def needs_one_share(self, training):
         """Whether the batch must run as one share in this mode: a dropout layer draws its
         masks from one generator, example after example, and shares would draw them in
-        another order. (Batch-norm on batch statistics does not need it: its shares add up
-        their sums, see ``ShareSums``. On a GPU a batch is always one share.)"""
-        return training and any(isinstance(layer, Dropout) and layer.rate > 0 for layer in self.model.layers)
+        another order; and a batch-norm on batch statistics of other than (N, H, W, C)
+        inputs runs the plain layer, which sees only its own share. (On (N, H, W, C) inputs
+        the shares add up their sums, see ``ShareSums``. On a GPU a batch is always one share.)"""
+        if not training:
+            return False
+        for node in self.model.nodes:
+            layer = node.layer
+            if isinstance(layer, Dropout) and layer.rate > 0:
+                return True
+            if (isinstance(layer, BatchNormalization) and layer.trainable
+                    and len(self.model.output_shape(node.inputs[0])) != 4):
+                return True
+        return False
 
     def _share_slices(self, x, training):
         if (self.threads == 1 or len(x) < self.threads or not isinstance(x, np.ndarray)

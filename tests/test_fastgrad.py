@@ -369,6 +369,21 @@ def test_one_share_only_for_active_dropout(rng):
     assert len(engine._share_slices(x, training=True)) == 1
 
 
+def test_batch_norm_on_features_in_training_runs_one_share(rng):
+    """A batch-norm on (N, D) features takes the plain layer, which sees only its own share:
+    in training such a model runs as one share, and matches the plain pass."""
+    head = minixcept.Sequential([L.Dense(6), L.BatchNormalization(), L.ReLU(), L.Dense(3)], input_shape=(5,))
+    randomise(head, rng)
+    for layer in head.layers:
+        layer.astype('float64')
+    engine = GradientEngine(head, threads=2)
+    x = rng.standard_normal((6, 5))
+    dy = rng.standard_normal((6, 3))
+    assert engine.needs_one_share(training=True) and not engine.needs_one_share(training=False)
+    expected = run_plain(copy.deepcopy(head), x, dy, training=True)
+    assert_same_pass(run_engine(head, x, dy, True, threads=2), expected, FLOAT64_TOLERANCE)
+
+
 def test_dropout_in_training_matches_plain(rng):
     """A head with active dropout runs as one share and draws the same masks as the plain pass."""
     head = minixcept.Sequential([L.Dense(8, activation='relu'), L.Dropout(0.5), L.Dense(3)], input_shape=(5,))
