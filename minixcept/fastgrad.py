@@ -695,7 +695,7 @@ class GradientEngine:
         results = self._each_share(run, len(slices))
         self._shares = [(share, records) for share, (_, records) in zip(slices, results)]
         outputs = [y for y, _ in results]
-        return np.array(outputs[0]) if len(outputs) == 1 else np.concatenate(outputs)   # not pool memory
+        return outputs[0].copy() if len(outputs) == 1 else np.concatenate(outputs)   # not pool memory
 
     def backward(self, dy):
         """Like ``model.backward(dy)`` after this engine's ``forward``: returns the gradient of
@@ -712,7 +712,7 @@ class GradientEngine:
             def spent(array):
                 """Back to the pool, unless a gradient still waiting is this array or a view of it
                 (an Add passes its dy on to both inputs; a linear activation passes it through)."""
-                if not any(np.may_share_memory(array, g) for g in pending.values()):
+                if isinstance(array, np.ndarray) and not any(np.may_share_memory(array, g) for g in pending.values()):
                     buffers.give_back(array)
 
             for node, (cache, backward) in zip(reversed(nodes), reversed(records)):
@@ -727,12 +727,13 @@ class GradientEngine:
                         pending[name] = g
                     else:                                   # a tensor read twice: its gradients add
                         earlier = pending.pop(name)
-                        pending[name] = np.add(earlier, g, out=new_array(np.broadcast_shapes(earlier.shape, g.shape),
-                                                                         np.result_type(earlier, g)))
+                        pending[name] = (earlier + g if not isinstance(g, np.ndarray) else
+                                         np.add(earlier, g, out=new_array(np.broadcast_shapes(earlier.shape, g.shape),
+                                                                          np.result_type(earlier, g))))
                         used += [earlier, g]
                 for array in used:                          # once every input has its gradient
                     spent(array)
-            return np.array(pending['input']), grads                   # not pool memory
+            return pending['input'].copy(), grads                      # not pool memory
 
         results = self._each_share(run, len(shares))
         self._release()                            # the caches are spent

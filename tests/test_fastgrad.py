@@ -457,3 +457,26 @@ def test_fan_out_gradients_add_and_shared_gradients_survive(rng, threads):
     dy = rng.standard_normal((4, 6, 6, 5))
     expected = run_plain(model, x, dy, training=False)
     assert_same_pass(run_engine(model, x, dy, False, threads), expected, FLOAT64_TOLERANCE)
+
+
+@pytest.mark.parametrize('training', [False, True])
+def test_engine_runs_on_every_backend(xp, rng, training):
+    """On NumPy the fast pairs run; on CuPy every layer runs its own pair as one share. Either
+    way the engine gives the plain pass's output, input gradient and weight gradients. (No
+    bias before a batch-norm: with batch statistics its gradient is zero up to rounding.)"""
+    model = randomise(chain((9, 9, 3), L.Conv2D(8, 3, padding='same', use_bias=False), L.BatchNormalization(),
+                            L.ReLU(),
+                            L.SeparableConv2D(8, 3, padding='same'), L.BatchNormalization(),
+                            L.MaxPooling2D(3, 2, padding='same'), L.GlobalAveragePooling2D(), L.Dense(2)), rng)
+    for layer in model.layers:
+        layer.astype('float64')
+        for name, value in layer.params.items():
+            layer.params[name] = xp.asarray(value)
+    x = xp.asarray(rng.standard_normal((4, 9, 9, 3)))
+    dy = xp.asarray(rng.standard_normal((4, 2)))
+    expected = run_plain(copy.deepcopy(model), x, dy, training)
+    y, dx, grads = run_engine(model, x, dy, training, threads=2)
+    assert type(y) is type(x) and type(dx) is type(x)
+    numpy_pass = lambda p: (minixcept.asnumpy(p[0]), minixcept.asnumpy(p[1]),        # noqa: E731
+                            {k: {n: minixcept.asnumpy(g) for n, g in v.items()} for k, v in p[2].items()})
+    assert_same_pass(numpy_pass((y, dx, grads)), numpy_pass(expected), FLOAT64_TOLERANCE)
