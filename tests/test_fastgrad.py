@@ -466,7 +466,7 @@ def test_engine_runs_on_every_backend(xp, rng, training):
     bias before a batch-norm: with batch statistics its gradient is zero up to rounding.)"""
     model = randomise(chain((9, 9, 3), L.Conv2D(8, 3, padding='same', use_bias=False), L.BatchNormalization(),
                             L.ReLU(),
-                            L.SeparableConv2D(8, 3, padding='same'), L.BatchNormalization(),
+                            L.SeparableConv2D(8, 3, padding='same', use_bias=False), L.BatchNormalization(),
                             L.MaxPooling2D(3, 2, padding='same'), L.GlobalAveragePooling2D(), L.Dense(2)), rng)
     for layer in model.layers:
         layer.astype('float64')
