@@ -4,7 +4,7 @@
     python benchmarks/extraction.py                  # 64 real photos, 3 rounds
     python benchmarks/extraction.py --photos 128 --rounds 5 --data PATH
 
-Runs ``minixcept.features.extract_features`` (what ``examples/catdog_bottleneck.py`` does
+Runs ``minixcept.workflows.features.extract_features`` (what ``examples/catdog_bottleneck.py`` does
 for each split: read each photo, resize it to 299 px, run it through Xception without its
 top, average-pool) on the same photos, no cache, twice per round: once through the plain
 layers (``fast=False``) and once through the inference engine behind ``Model.predict``
@@ -22,8 +22,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import minixcept  # noqa: E402
-from minixcept.features import extract_features  # noqa: E402
-from minixcept.images import find_image_folders  # noqa: E402
+from minixcept.workflows.features import extract_features  # noqa: E402
+from minixcept.files.images import find_image_folders  # noqa: E402
 
 WEIGHTS = REPO / 'weights' / 'xception_weights_tf_dim_ordering_tf_kernels_notop.h5'
 

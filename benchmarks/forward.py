@@ -15,11 +15,11 @@ Timing: one warm-up call each, then ``--repeats`` rounds in which the runners ta
 (TensorFlow, minixcept, ... in alternating order), so that load from other processes on a
 shared machine falls on both alike; the table gives each runner's median. TensorFlow runs
 its model through a ``tf.function`` (the graph ``model.predict`` also uses); minixcept runs
-the fused inference engine that ``Model.predict`` uses (``minixcept.fast``), and at one batch
+the fused inference engine that ``Model.predict`` uses (``minixcept.engines.inference``), and at one batch
 size also the plain layer-by-layer forward pass, for before/after.
 
 Forward + backward: the whole network, loss = sum(y * dy) for a fixed random dy, gradients
-for every weight and for the input: minixcept's training engine (``minixcept.fastgrad``:
+for every weight and for the input: minixcept's training engine (``minixcept.engines.training``:
 ``GradientEngine.forward`` then ``.backward``), and for before/after also the plain layers'
 ``forward`` then ``backward``; TensorFlow's ``GradientTape`` in a ``tf.function``. Batch-norm
 runs in inference mode (moving statistics, as when fine-tuning a pretrained base) unless
@@ -119,7 +119,7 @@ def weights_path():
     if WEIGHTS.exists():
         return WEIGHTS
     try:
-        from minixcept.weights import fetch
+        from minixcept.files.weights import fetch
         return Path(fetch(include_top=False, dest_dir=WEIGHTS.parent, quiet=True))
     except Exception as error:        # offline: say so and go on with random weights
         print(f'# ImageNet weights unavailable ({error}); using random Keras weights', file=sys.stderr)
@@ -155,10 +155,10 @@ def random_batch(batch, seed=0):
 def runners(tf, ours, theirs, mode, bn_training, with_plain):
     """{name: callable(x, dy) -> output} for the timed passes."""
     import minixcept
-    import minixcept.fastgrad
+    import minixcept.engines.training
     result = {}
     if mode == 'forward':
-        engine = minixcept.fast.InferenceEngine(ours)
+        engine = minixcept.engines.inference.InferenceEngine(ours)
         if theirs is not None:
             keras_forward = tf.function(lambda x: theirs(x, training=False))
             result['TensorFlow'] = lambda x, dy: keras_forward(x).numpy()
@@ -181,7 +181,7 @@ def runners(tf, ours, theirs, mode, bn_training, with_plain):
             return tape.gradient(loss, [x] + variables)
         result['TensorFlow'] = lambda x, dy: keras_gradients(tf.constant(x), tf.constant(dy))[0].numpy()
 
-    engine = minixcept.fastgrad.GradientEngine(ours)
+    engine = minixcept.engines.training.GradientEngine(ours)
 
     def our_gradients(x, dy):
         engine.forward(x, training=bn_training)

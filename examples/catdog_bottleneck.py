@@ -42,10 +42,10 @@ import minixcept  # noqa: E402
 from minixcept import layers, losses, optimizers  # noqa: E402
 from minixcept.backend import BackendError  # noqa: E402
 from minixcept.errors import WeightsError  # noqa: E402
-from minixcept.features import cache_key, extract_features, weights_checksum  # noqa: E402
-from minixcept.images import DatasetLayoutError, expected_layout, find_image_folders  # noqa: E402
-from minixcept.plot import plot_history  # noqa: E402
-from minixcept.training import evaluate, fit  # noqa: E402
+from minixcept.workflows.features import cache_key, extract_features, weights_checksum  # noqa: E402
+from minixcept.files.images import DatasetLayoutError, expected_layout, find_image_folders  # noqa: E402
+from minixcept.workflows.plot import plot_history  # noqa: E402
+from minixcept.workflows.fit import evaluate, fit  # noqa: E402
 
 DEFAULT_DATA = REPO.parent / 'shared' / 'catdog'
 DEFAULT_OUT = REPO / 'runs' / 'catdog'
@@ -105,7 +105,7 @@ def get_weights(weights_arg):
         if not Path(weights_arg).is_file():
             raise WeightsError(f'{weights_arg}: no such weights file')
         return Path(weights_arg)
-    from minixcept.weights import fetch
+    from minixcept.files.weights import fetch
     return Path(fetch(include_top=False))
 
 
@@ -195,7 +195,7 @@ def evaluate_head(head, features):
 
 def save_head(head, class_names, image_size, weights_id, out_dir):
     """head.h5 (legacy Keras HDF5) and head.json (class names, input size, how to rebuild it)."""
-    from minixcept.weights import save_weights
+    from minixcept.files.weights import save_weights
     out_dir.mkdir(parents=True, exist_ok=True)
     save_weights(head, out_dir / 'head.h5')
     description = {'class_names': list(class_names), 'image_size': image_size,

@@ -14,11 +14,11 @@ data" (F. Chollet, the Keras blog, 2016), with Xception in place of VGG16. It st
              ``--no-augment``, every training photo): it never changes;
 5. train     with a small learning rate (SGD 1e-4, momentum 0.9, as the write-up), each
              training photo randomly flipped, turned, sheared, zoomed and shifted
-             (minixcept.augment); the frozen part runs under no_grad, the backward pass stops
+             (minixcept.files.augment); the frozen part runs under no_grad, the backward pass stops
              at the first trainable layer; the epoch with the lowest validation loss is kept.
              Trainable batch-norm layers normalise with each batch's statistics, as Keras's
              model(x, training=True) does; ``--bn-statistics moving`` keeps their moving
-             statistics instead (see minixcept.finetune for why that matters here);
+             statistics instead (see minixcept.workflows.finetune for why that matters here);
 6. save      the fine-tuned base (HDF5, the layout ``Xception(weights=PATH)`` reads) and head;
 7. check     reload both files into a fresh model and measure the validation accuracy again;
 8. report    a JSON report (before and after) and a PNG of the training curves.
@@ -62,13 +62,13 @@ from catdog_bottleneck import DEFAULT_DATA, DEFAULT_OUT as BOTTLENECK_OUT  # noq
 from catdog_bottleneck import build_base, get_weights, head_loss, load_photos  # noqa: E402
 from catdog_predict import load_head  # noqa: E402
 from minixcept import optimizers  # noqa: E402
-from minixcept.augment import AugmentSettings, save_augmentation_grid  # noqa: E402
+from minixcept.files.augment import AugmentSettings, save_augmentation_grid  # noqa: E402
 from minixcept.backend import BackendError  # noqa: E402
 from minixcept.errors import WeightsError  # noqa: E402
-from minixcept.finetune import FineTuneModel, FrozenFeatureFeed, cache_frozen_features  # noqa: E402
-from minixcept.images import DatasetLayoutError, load_batch, preprocess_input  # noqa: E402
-from minixcept.plot import plot_history  # noqa: E402
-from minixcept.training import evaluate, fit, predicted_classes  # noqa: E402
+from minixcept.workflows.finetune import FineTuneModel, FrozenFeatureFeed, cache_frozen_features  # noqa: E402
+from minixcept.files.images import DatasetLayoutError, load_batch, preprocess_input  # noqa: E402
+from minixcept.workflows.plot import plot_history  # noqa: E402
+from minixcept.workflows.fit import evaluate, fit, predicted_classes  # noqa: E402
 
 DEFAULT_OUT = BOTTLENECK_OUT / 'finetune'
 AUGMENTATION = AugmentSettings()       # rotation 20 degrees, shifts 0.2, shear 0.2, zoom 0.2, flips

@@ -22,9 +22,9 @@ import minixcept  # noqa: E402
 from catdog_bottleneck import DEFAULT_OUT, build_base, build_head, class_probabilities, get_weights  # noqa: E402
 from minixcept.backend import BackendError  # noqa: E402
 from minixcept.errors import WeightsError  # noqa: E402
-from minixcept.features import bottleneck_features  # noqa: E402
-from minixcept.images import load_batch  # noqa: E402
-from minixcept.weights import load_weights  # noqa: E402
+from minixcept.workflows.features import bottleneck_features  # noqa: E402
+from minixcept.files.images import load_batch  # noqa: E402
+from minixcept.files.weights import load_weights  # noqa: E402
 
 
 def parse_args(argv=None):

@@ -12,7 +12,6 @@ import numpy as np
 
 from . import backend
 from .errors import ShapeError
-from .fast import InferenceEngine
 from .layers.base import no_grad
 
 
@@ -128,16 +127,25 @@ class Model:
                 return input_grads[0]
         return pending[start]
 
+    # -- doors to the other wings ---------------------------------------------
+    # The textbook imports nothing from the engine room or the file code when it loads, so
+    # it reads and runs with NumPy alone. These methods are its only doors to them: each
+    # imports what it needs when it is called.
+
     def predict(self, x, batch_size=32, fast=True):
         """Inference in batches, keeping no caches; returns a NumPy array.
 
-        fast: run the inference engine of ``minixcept.fast`` (batch-norm folded into the
+        fast: run the inference engine (``minixcept.engines``: batch-norm folded into the
         convolutions, ReLU fused, work in cache-sized tiles, one thread per core), which
         agrees with the layers to float32 rounding and runs Xception about 2.5 times as fast
         on a 2-core CPU (benchmarks/RESULTS.md). ``fast=False`` runs the plain layers one by
         one, as ``forward`` does.
         """
-        run = InferenceEngine(self) if fast else (lambda batch: self.forward(batch, training=False))
+        if fast:
+            from .engines.inference import InferenceEngine
+            run = InferenceEngine(self)
+        else:
+            run = lambda batch: self.forward(batch, training=False)  # noqa: E731
         outputs = []
         with no_grad():
             for start in range(0, len(x), batch_size):
@@ -145,17 +153,19 @@ class Model:
                 outputs.append(backend.asnumpy(run(batch)))
         return np.concatenate(outputs)
 
-    # -- weights ---------------------------------------------------------------
-    def get_weights(self):
-        return [w for layer in self.layers for w in layer.get_weights()]
-
     def load_weights(self, path):
-        from .weights import load_weights
+        """Load a Keras HDF5 (legacy or Keras 3) or .keras file, by layer order (minixcept.files)."""
+        from .files.weights import load_weights
         load_weights(self, path)
 
     def save_weights(self, path):
-        from .weights import save_weights
+        """Write the weights as a legacy Keras HDF5 file (minixcept.files)."""
+        from .files.weights import save_weights
         save_weights(self, path)
+
+    # -- weights ---------------------------------------------------------------
+    def get_weights(self):
+        return [w for layer in self.layers for w in layer.get_weights()]
 
     # -- description -----------------------------------------------------------
     def _names(self):
@@ -220,6 +230,13 @@ class Model:
         trainable = sum(layer.count_params() for layer in self.layers if layer.trainable)
         print_fn(f'Total params: {self.count_params():,}  (trainable: {trainable:,})')
         print_fn(f'Total mult-adds per example: {self.multiply_adds():,}')
+
+
+def imagenet_weights(include_top):
+    """The path of Keras's ImageNet Xception weights, fetched when missing: the door that
+    ``Xception(weights='imagenet')`` takes to minixcept.files."""
+    from .files.weights import fetch
+    return fetch(include_top=include_top)
 
 
 class Sequential(Model):

@@ -16,12 +16,22 @@ Two details of the graph matter for correctness (and have broken ports):
   branch only, and the shortcut reads the *pre*-ReLU tensor;
 - a block input feeds two branches, so its gradient is the sum of both (the Model adds).
 """
+import numpy as np
+
 from .errors import ShapeError
 from .layers import (Activation, Add, BatchNormalization, Conv2D, Dense, GlobalAveragePooling2D,
                      GlobalMaxPooling2D, MaxPooling2D, SeparableConv2D)
-from .model import Model
+from .model import Model, imagenet_weights
 
 MIN_SIDE = 71          # the smallest input the four stride-2 stages reduce to at least 3x3
+
+
+def preprocess_input(images):
+    """Scale RGB pixel values from [0, 255] to [-1, 1]: x / 127.5 - 1 (Keras's 'tf' mode, no mean subtraction).
+
+    Accepts uint8 or float arrays of any shape ending in 3 channels; returns float32.
+    """
+    return np.asarray(images, dtype=np.float32) / np.float32(127.5) - np.float32(1.0)
 
 
 class Xception(Model):
@@ -63,8 +73,7 @@ class Xception(Model):
             self.add(GlobalMaxPooling2D(name='global_max_pooling2d'), x)
 
         if weights == 'imagenet':
-            from .weights import fetch
-            self.load_weights(fetch(include_top=include_top))
+            self.load_weights(imagenet_weights(include_top))
         elif weights is not None:
             self.load_weights(weights)
 

@@ -7,7 +7,7 @@ parametrise over.
 import numpy as np
 import pytest
 
-from minixcept import augment as A
+from minixcept.files import augment as A
 
 
 @pytest.fixture
@@ -105,7 +105,3 @@ def test_grid_has_one_row_per_photo_and_the_originals_first(photo, rng):
     np.testing.assert_array_equal(grid[:height, :width], photo)
     np.testing.assert_array_equal(grid[height + 2:, :width], photo)
 
-
-def test_images_module_offers_augmentation():
-    from minixcept import images
-    assert images.augment is A.augment and images.AugmentSettings is A.AugmentSettings

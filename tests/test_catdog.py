@@ -22,10 +22,10 @@ from PIL import Image
 import minixcept
 from conftest import relative_error
 from minixcept import layers, losses, optimizers
-from minixcept.features import Progress, cache_key, extract_features, read_cache, weights_checksum
-from minixcept.images import image_folder
-from minixcept.plot import TRAIN_COLOUR, VALIDATION_COLOUR, plot_history
-from minixcept.training import evaluate, fit
+from minixcept.workflows.features import Progress, cache_key, extract_features, read_cache, weights_checksum
+from minixcept.files.images import image_folder
+from minixcept.workflows.plot import TRAIN_COLOUR, VALIDATION_COLOUR, plot_history
+from minixcept.workflows.fit import evaluate, fit
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / 'examples'

@@ -1,4 +1,4 @@
-"""The inference engine of minixcept.fast against the plain layers it must match.
+"""The inference engine of minixcept.engines.inference against the plain layers it must match.
 
 Every fused step is compared with the plain layers' forward pass on the same weights:
 random kernels *and* random batch-norm statistics (so that folding is exercised), odd and
@@ -13,9 +13,9 @@ import pytest
 
 import minixcept
 from conftest import relative_error
-from minixcept import fast
+from minixcept.engines import inference as fast
 from minixcept import layers as L
-from minixcept.fast import InferenceEngine, depthwise_tile, gather_rows, max_pool_tile
+from minixcept.engines.inference import InferenceEngine, depthwise_tile, gather_rows, max_pool_tile
 from minixcept.layers.base import no_grad
 from minixcept.model import Model
 from minixcept.padding import window_geometry

@@ -1,4 +1,4 @@
-"""The training engine of minixcept.fastgrad against the plain layers it must match.
+"""The training engine of minixcept.engines.training against the plain layers it must match.
 
 Each fast layer pair (forward, backward) is compared with the layer's own ``_forward`` /
 ``_backward`` on the same random weights and inputs, in float32, with tiles forced tiny so
@@ -16,9 +16,9 @@ import pytest
 
 import minixcept
 from conftest import relative_error
-from minixcept import fastgrad
+from minixcept.engines import training as fastgrad
 from minixcept import layers as L
-from minixcept.fastgrad import GradientEngine
+from minixcept.engines.training import GradientEngine
 from minixcept.model import Model
 from test_fast_paths import chain, randomise, use_tiles
 

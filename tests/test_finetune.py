@@ -17,9 +17,9 @@ import pytest
 import minixcept
 from conftest import REFERENCE_DIR, relative_error
 from minixcept import layers, optimizers
-from minixcept.finetune import (FineTuneModel, FrozenFeatureFeed, cache_frozen_features, first_layer_of_block,
+from minixcept.workflows.finetune import (FineTuneModel, FrozenFeatureFeed, cache_frozen_features, first_layer_of_block,
                                 freeze_before, frozen_output_name)
-from minixcept.images import preprocess_input
+from minixcept.files.images import preprocess_input
 
 sys.path.insert(0, str(REFERENCE_DIR))
 import make_finetune as reference  # noqa: E402
@@ -193,7 +193,7 @@ def test_step_matches_the_stored_keras_step(xp, notop_weights):
 @pytest.fixture(scope='module')
 def live_photos(catdog):
     """The fixture's four photos, loaded by minixcept's own loader."""
-    pixels, loaded, failures = minixcept.images.load_batch([catdog / p for p in reference.PHOTOS], reference.SIDE)
+    pixels, loaded, failures = minixcept.files.images.load_batch([catdog / p for p in reference.PHOTOS], reference.SIDE)
     assert not failures
     return pixels
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from minixcept.images import (DatasetLayoutError, ImageDecodeError, find_image_folders, load_batch,
+from minixcept.files.images import (DatasetLayoutError, ImageDecodeError, find_image_folders, load_batch,
                               load_image, preprocess_input)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / 'reference'))

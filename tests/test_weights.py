@@ -19,7 +19,7 @@ import h5py
 import numpy as np
 import pytest
 
-from minixcept import weights as W
+from minixcept.files import weights as W
 from minixcept.errors import WeightsError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -376,8 +376,8 @@ def test_fetch_script_runs_from_anywhere(tmp_path):
 
 
 def test_module_command_line(notop_file):
-    assert "--top" in _run(["-m", "minixcept.weights", "fetch", "--help"], cwd=REPO)
-    shown = _run(["-m", "minixcept.weights", "show", str(notop_file)], cwd=REPO)
+    assert "--top" in _run(["-m", "minixcept.files.weights", "fetch", "--help"], cwd=REPO)
+    shown = _run(["-m", "minixcept.files.weights", "show", str(notop_file)], cwd=REPO)
     assert "6 layers with weights" in shown and "block2_sepconv1" in shown
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from minixcept.weights import main  # noqa: E402
+from minixcept.files.weights import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main(["fetch", *sys.argv[1:]]))

@@ -43,10 +43,10 @@ import time
 
 import numpy as np
 
-from . import backend
-from .augment import AugmentSettings, augment_batch
-from .images import preprocess_input
-from .layers.base import no_grad
+from .. import backend
+from ..files.augment import AugmentSettings, augment_batch
+from ..xception import preprocess_input
+from ..layers.base import no_grad
 
 
 def first_layer_of_block(model, block):
@@ -137,7 +137,7 @@ class FineTuneModel:
         """The frozen part's output for images (N, H, W, 3), computed under no_grad in inference
         mode; the images themselves when nothing is frozen.
 
-        With ``fast`` (the default) it comes from ``minixcept.fast.InferenceEngine``, which agrees
+        With ``fast`` (the default) it comes from ``minixcept.engines.inference.InferenceEngine``, which agrees
         with the layers to float32 rounding and is quicker on the CPU. The engine copies the
         weights it folds when first used, which is safe here because frozen weights never change;
         set the base's weights before the first call.
@@ -148,7 +148,7 @@ class FineTuneModel:
             with no_grad():
                 return self.base.forward(images, training=False, stop_after=self.frozen_output)
         if self._engine is None:
-            from .fast import InferenceEngine
+            from ..engines.inference import InferenceEngine
             self._engine = InferenceEngine(self.base)
         _, captured = self._engine(images, capture=[self.frozen_output])
         return captured[self.frozen_output].copy()        # the engine may reuse its buffers

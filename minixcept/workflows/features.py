@@ -35,8 +35,9 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from .images import load_batch, preprocess_input
-from .layers.base import no_grad
+from ..files.images import load_batch
+from ..xception import preprocess_input
+from ..layers.base import no_grad
 
 CACHE_FORMAT = 1            # bump when the file layout or what goes into the key changes
 
@@ -72,7 +73,7 @@ def bottleneck_features(model, pixels, fast=True):
     """Photos (N, H, W, 3) uint8 in [0, 255] -> features (N, D) float32 through ``model``.
 
     Inference only, under ``no_grad()``, through ``model.predict``: with ``fast``, the model's
-    fastest inference path (``minixcept.fast``), else the plain layers. N may be 0.
+    fastest inference path (``minixcept.engines.inference``), else the plain layers. N may be 0.
     """
     if len(pixels) == 0:
         return np.zeros((0, model.output_shape()[-1]), np.float32)

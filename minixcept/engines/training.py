@@ -1,6 +1,6 @@
 """Fast training passes: a model's forward *and* backward pass, rearranged for the CPU.
 
-``minixcept.fast`` speeds up inference; this module does the same for the pass that
+``minixcept.engines.inference`` speeds up inference; this module does the same for the pass that
 training needs, where every layer must keep what its backward step reads and every
 weight gets a gradient. The mathematics is the layers' own; tests/test_fastgrad.py
 checks the outputs, the input gradient and every weight's gradient against
@@ -57,11 +57,11 @@ import threading
 
 import numpy as np
 
-from .fast import (BufferPool, _extent, along_width, depthwise_tile, engine_workers, gather_rows,
+from .inference import (BufferPool, _extent, along_width, depthwise_tile, engine_workers, gather_rows,
                    im2col_tile, plan_blocks, single_threaded_blas)
-from .layers import Activation, Add, BatchNormalization, Conv2D, Dropout, MaxPooling2D, SeparableConv2D
-from .layers.pooling import max_pool2d_backward, max_pool2d_forward
-from .padding import window, window_geometry
+from ..layers import Activation, Add, BatchNormalization, Conv2D, Dropout, MaxPooling2D, SeparableConv2D
+from ..layers.pooling import max_pool2d_backward, max_pool2d_forward
+from ..padding import window, window_geometry
 
 # Batch-norm's gamma gradient is summed over pieces of about this many bytes of x and dy.
 SUM_BYTES = 256 * 1024

@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import backend
-from .layers.base import no_grad
+from .. import backend
+from ..layers.base import no_grad
 
 
 @dataclass

@@ -1,0 +1,1 @@
+"""Workflows on top of the three wings: training loops, feature extraction, fine-tuning, plots."""
