@@ -119,7 +119,7 @@ def weights_path():
     if WEIGHTS.exists():
         return WEIGHTS
     try:
-        from minixcept.files.weights import fetch
+        from minixcept.files.fetch import fetch
         return Path(fetch(include_top=False, dest_dir=WEIGHTS.parent, quiet=True))
     except Exception as error:        # offline: say so and go on with random weights
         print(f'# ImageNet weights unavailable ({error}); using random Keras weights', file=sys.stderr)

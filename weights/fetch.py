@@ -6,7 +6,8 @@
     python weights/fetch.py --dest DIR
 
 Works from a fresh clone: the repository root is put on sys.path, so the
-package need not be installed. See README.md here for the sources and checksums.
+package need not be installed (``python -m minixcept.files.fetch`` is the same
+command from an installed package). See README.md here for the sources and checksums.
 """
 
 import sys
@@ -14,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from minixcept.files.weights import main  # noqa: E402
+from minixcept.files.fetch import main  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main(["fetch", *sys.argv[1:]]))
+    sys.exit(main(sys.argv[1:]))
