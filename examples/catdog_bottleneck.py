@@ -42,8 +42,9 @@ import minixcept  # noqa: E402
 from minixcept import layers, losses, optimizers  # noqa: E402
 from minixcept.backend import BackendError  # noqa: E402
 from minixcept.errors import WeightsError  # noqa: E402
-from minixcept.workflows.features import cache_key, extract_features, weights_checksum  # noqa: E402
+from minixcept.files.cache import cache_key, weights_checksum  # noqa: E402
 from minixcept.files.images import DatasetLayoutError, expected_layout, find_image_folders  # noqa: E402
+from minixcept.workflows.features import extract_features  # noqa: E402
 from minixcept.workflows.plot import plot_history  # noqa: E402
 from minixcept.workflows.fit import evaluate, fit  # noqa: E402
 

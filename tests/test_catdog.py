@@ -22,7 +22,8 @@ from PIL import Image
 import minixcept
 from conftest import relative_error
 from minixcept import layers, losses, optimizers
-from minixcept.workflows.features import Progress, cache_key, extract_features, read_cache, weights_checksum
+from minixcept.files.cache import cache_key, read_cache, weights_checksum
+from minixcept.workflows.features import Progress, extract_features
 from minixcept.files.images import image_folder
 from minixcept.workflows.plot import TRAIN_COLOUR, VALIDATION_COLOUR, plot_history
 from minixcept.workflows.fit import evaluate, fit

@@ -1,0 +1,262 @@
+"""The feature cache's guarantees: whole files only, every file checked before it is used, a
+killed extraction resumes to the same bits, two processes share one cache folder.
+
+The end-to-end tests run examples/catdog_bottleneck.py in subprocesses on a few real photos
+at 71 px with a random base (``--weights random``); a small driver slows each batch down so
+that a kill or a second process reliably lands while batches are being written.
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+import minixcept
+from minixcept.files.atomic import write_atomically
+from minixcept.files.cache import FeatureCache, cache_key, read_cache
+from minixcept.files.images import image_folder
+from minixcept.workflows.features import extract_features
+from test_catdog import interrupt_after
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLE = REPO / 'examples' / 'catdog_bottleneck.py'
+SIZE, PER_CLASS, BATCH = 71, 4, 2          # 8 photos a split, 4 batches of 2
+SECONDS_PER_BATCH = 0.5                    # the driver's slow-down: a split takes >= 2 s
+
+#: Runs the example with its network call slowed down: python -c DRIVER SECONDS EXAMPLE ARGS...
+DRIVER = '''
+import runpy, sys, time
+import minixcept.workflows.features as features
+seconds, network = float(sys.argv[1]), features.bottleneck_features
+
+def slowed(*args, **kwargs):
+    time.sleep(seconds)
+    return network(*args, **kwargs)
+
+features.bottleneck_features = slowed
+sys.argv = sys.argv[2:]
+runpy.run_path(sys.argv[0], run_name='__main__')
+'''
+
+
+def example_argv(catdog, out, cache):
+    return ['--data', catdog, '--limit', PER_CLASS, '--image-size', SIZE, '--batch-size', BATCH,
+            '--weights', 'random', '--epochs', 1, '--out', out, '--cache', cache]
+
+
+def start_example(catdog, out, cache, seconds_per_batch=0.0):
+    """The example in a subprocess (its network slowed down by ``seconds_per_batch``)."""
+    environment = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [str(REPO)] + ([os.environ['PYTHONPATH']] if os.environ.get('PYTHONPATH') else [])))
+    argv = [str(a) for a in example_argv(catdog, out, cache)]
+    return subprocess.Popen([sys.executable, '-c', DRIVER, str(seconds_per_batch), str(EXAMPLE), *argv],
+                            env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish(process, timeout=180):
+    """Wait for the example: (stdout, stderr) after checking it succeeded."""
+    stdout, stderr = process.communicate(timeout=timeout)
+    assert process.returncode == 0, stderr
+    return stdout, stderr
+
+
+def cached(cache, split):
+    """(features, files) of a complete cache file, read with h5py alone."""
+    with h5py.File(cache / f'{split}.h5', 'r') as f:
+        assert f.attrs['complete'] == 1
+        return f['features'][()], list(f['files'].asstr()[()])
+
+
+def report_of(out):
+    return json.loads((out / 'report.json').read_text())
+
+
+@pytest.fixture(scope='module')
+def uninterrupted(catdog, tmp_path_factory):
+    """The example run once from start to end: its cache folder, the reference features."""
+    root = tmp_path_factory.mktemp('uninterrupted')
+    finish(start_example(catdog, root / 'out', root / 'cache'))
+    assert report_of(root / 'out')['cache'] == {'train': 'built', 'validation': 'built'}
+    return root / 'cache'
+
+
+def same_cache(cache, reference):
+    for split in ('train', 'validation'):
+        (features, files), (expected, expected_files) = cached(cache, split), cached(reference, split)
+        assert files == expected_files
+        np.testing.assert_array_equal(features, expected)     # bit for bit
+
+
+# -- a killed run ------------------------------------------------------------------------------
+
+def test_sigkill_while_writing_batches_then_a_rerun_gives_the_same_bits(catdog, uninterrupted, tmp_path):
+    out, cache = tmp_path / 'out', tmp_path / 'cache'
+    partial = cache / 'train.h5.partial'
+    process = start_example(catdog, out, cache, SECONDS_PER_BATCH)
+    deadline = time.monotonic() + 120
+    while not list(partial.glob('rows_*.npz')):
+        assert process.poll() is None, process.communicate()[1]
+        assert time.monotonic() < deadline, 'no batch was stored in two minutes'
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.communicate()
+    assert process.returncode == -signal.SIGKILL
+    stored = sorted(p.name for p in partial.glob('rows_*.npz'))
+    assert 1 <= len(stored) < 4 and not (cache / 'train.h5').exists(), stored
+
+    _, stderr = finish(start_example(catdog, out, cache))
+    report = report_of(out)
+    assert report['cache'] == {'train': 'resumed', 'validation': 'built'}
+    assert f'{2 * len(stored)} of 8 photos already done' in stderr
+    assert report['photos_computed'] == 16 - 2 * len(stored)
+    same_cache(cache, uninterrupted)
+    assert not partial.exists() and not list(cache.glob('.*.tmp'))
+
+
+# -- two processes, one cache folder -----------------------------------------------------------
+
+def test_two_processes_extracting_into_one_cache_both_finish_and_compute_each_split_once(
+        catdog, uninterrupted, tmp_path):
+    cache = tmp_path / 'cache'
+    first = start_example(catdog, tmp_path / 'first', cache, SECONDS_PER_BATCH)
+    second = start_example(catdog, tmp_path / 'second', cache, SECONDS_PER_BATCH)
+    (_, first_err), (_, second_err) = finish(first), finish(second)
+    reports = [report_of(tmp_path / 'first'), report_of(tmp_path / 'second')]
+
+    # Whoever took a split's lock first built it; the other waited, then read it back whole.
+    assert 'waiting for it to finish' in first_err + second_err
+    for split in ('train', 'validation'):
+        assert sorted(report['cache'][split] for report in reports) == ['built', 'hit']
+    assert sum(report['photos_computed'] for report in reports) == 16
+    same_cache(cache, uninterrupted)
+
+
+def test_a_second_writer_waits_for_the_lock(tmp_path):
+    messages = []
+    holder = FeatureCache(tmp_path / 'train.h5', 'key', log=messages.append)
+    other = FeatureCache(tmp_path / 'train.h5', 'key', log=messages.append)
+    entered = threading.Event()
+
+    def second_writer():
+        with other.locked():
+            entered.set()
+
+    with holder.locked():
+        thread = threading.Thread(target=second_writer)
+        thread.start()
+        time.sleep(0.3)
+        assert not entered.is_set(), 'two writers held the lock at once'
+    thread.join(10)
+    assert entered.is_set()
+    assert messages == [f'{tmp_path / "train.h5"}: another process is extracting these features; '
+                        'waiting for it to finish']
+
+
+# -- damaged files are computed again, never read back ------------------------------------------
+
+@pytest.fixture(scope='module')
+def random_base():
+    minixcept.set_seed(0)
+    return minixcept.Xception(include_top=False, pooling='avg', input_shape=(SIZE, SIZE, 3))
+
+
+@pytest.fixture(scope='module')
+def photos(catdog):
+    return image_folder(catdog / 'validation').limit(PER_CLASS)
+
+
+QUIET = dict(batch_size=BATCH, show_progress=False)
+
+
+def rewrite_chunk(path, **changes):
+    """Write a stored batch again with some of its arrays replaced (a valid .npz)."""
+    with np.load(path) as stored:
+        arrays = {name: stored[name] for name in stored.files}
+    arrays.update(changes)
+    with open(path, 'wb') as f:
+        np.savez(f, **arrays)
+
+
+def test_stored_batches_that_fail_a_check_are_computed_again(random_base, photos, tmp_path):
+    key = cache_key(photos, SIZE, 'random-init-seed-0')
+    reference = extract_features(random_base, photos, log=lambda m: None, **QUIET)
+    cache_file = tmp_path / 'validation.h5'
+    with pytest.raises(KeyboardInterrupt):
+        extract_features(random_base, photos, cache_file=cache_file, key=key, on_batch=interrupt_after(3),
+                         log=lambda m: None, **QUIET)
+    partial = Path(str(cache_file) + '.partial')
+    chunks = sorted(partial.glob('rows_*.npz'))
+    assert [p.name for p in chunks] == ['rows_000000_000002.npz', 'rows_000002_000004.npz',
+                                        'rows_000004_000006.npz']
+
+    # Three ways a batch file can lie. Each must be recomputed, and so must every batch after it.
+    for damage in ('altered', 'other key', 'truncated'):
+        if damage == 'altered':          # valid .npz, one number changed, stored checksum kept
+            with np.load(chunks[1]) as stored:
+                features = stored['features'].copy()
+            features[0, 0] += 1
+            rewrite_chunk(chunks[1], features=features)
+        elif damage == 'other key':
+            rewrite_chunk(chunks[1], key='another key')
+        else:                            # cut short under its real name
+            data = chunks[1].read_bytes()
+            chunks[1].write_bytes(data[:len(data) // 2])
+        messages = []
+        with FeatureCache(cache_file, key, log=messages.append).locked() as cache:
+            kept = cache.resume()
+        assert [(c.begin, c.end) for c in kept] == [(0, 2)], damage
+        assert len(messages) == 1 and 'rows_000002_000004.npz' in messages[0], messages
+        assert [p.name for p in partial.glob('rows_*.npz')] == ['rows_000000_000002.npz']
+        with pytest.raises(KeyboardInterrupt):         # store batches 2..6 again for the next case
+            extract_features(random_base, photos, cache_file=cache_file, key=key, on_batch=interrupt_after(2),
+                             log=lambda m: None, **QUIET)
+
+    resumed = extract_features(random_base, photos, cache_file=cache_file, key=key, log=lambda m: None, **QUIET)
+    assert resumed.cache == 'resumed' and resumed.photos_computed == 2
+    np.testing.assert_array_equal(resumed.features, reference.features)
+
+
+def test_a_complete_file_whose_features_were_altered_is_rebuilt(random_base, photos, tmp_path):
+    key = cache_key(photos, SIZE, 'random-init-seed-0')
+    cache_file = tmp_path / 'validation.h5'
+    built = extract_features(random_base, photos, cache_file=cache_file, key=key, log=lambda m: None, **QUIET)
+    with h5py.File(cache_file, 'a') as f:
+        f['features'][3, 7] += 1.0
+    messages = []
+    assert read_cache(cache_file, key, photos, log=messages.append) is None
+    assert 'do not match their checksum' in messages[0] and 'rebuilding' in messages[0]
+    with h5py.File(cache_file, 'a') as f:               # rows dropped: the counts no longer agree
+        f['features'][3, 7] -= 1.0
+        del f['labels']
+        f['labels'] = np.zeros(3, np.int64)
+    assert read_cache(cache_file, key, photos, log=messages.append) is None
+    assert 'row counts disagree' in messages[1]
+    again = extract_features(random_base, photos, cache_file=cache_file, key=key, log=lambda m: None, **QUIET)
+    assert again.cache == 'rebuilt'
+    np.testing.assert_array_equal(again.features, built.features)
+
+
+# -- the atomic write under all of it ---------------------------------------------------------
+
+def test_write_atomically_leaves_the_old_file_or_the_whole_new_one(tmp_path):
+    target = tmp_path / 'sub' / 'notes.txt'
+    write_atomically(target, lambda path: Path(path).write_text('first'))
+    umask = os.umask(0)
+    os.umask(umask)
+    assert target.read_text() == 'first' and target.stat().st_mode & 0o777 == 0o666 & ~umask
+
+    def fails_half_way(path):
+        Path(path).write_text('half of the sec')
+        raise OSError('disk full')
+
+    with pytest.raises(OSError, match='disk full'):
+        write_atomically(target, fails_half_way)
+    assert target.read_text() == 'first'
+    assert os.listdir(target.parent) == ['notes.txt']       # the temporary file was removed
