@@ -1,0 +1,181 @@
+"""Seeing inside: which part of a photo made the verdict, and which pixels it hangs on.
+
+Both pictures are gradients of one number, the class score s, taken by minixcept's own
+backward pass through the head and the network. s is the logit of the class; a one-logit
+head (cat vs dog) has s = z for class 1 and s = -z for class 0, each class's log-odds.
+
+Grad-CAM (Selvaraju et al., 2017), at a named activation A of shape (h, w, K):
+
+    alpha_k  = mean over (i, j) of ds/dA[i, j, k]    how much channel k pushes s up
+    map[i,j] = ReLU(sum_k alpha_k A[i, j, k])        where the channels that push s up fire
+
+The ReLU keeps the evidence for the class and drops the evidence against it. The last
+convolutional activation (block14, 10 x 10 at 299 px) has the most class-specific channels
+and the coarsest grid; an earlier one (block13, block4_pool) gives a finer, noisier map.
+
+Saliency (Simonyan et al., 2014) is ds/dx for the input pixels x. One such gradient is
+speckled: every ReLU switches its pixels' paths on or off, so a tiny change of x changes
+it a lot. SmoothGrad (Smilkov et al., 2017) averages it over N copies of x with Gaussian
+noise of standard deviation ``noise * (max x - min x)`` added; what survives the average
+is what the score depends on robustly.
+
+Fan-out. A tensor read by two layers (a residual block's input feeds the block and the
+shortcut's add) gets a gradient from each reader, and ds/dA is their sum. The model's
+backward pass adds them up before it hands the total to the layer that made A: readers come
+after A in the graph, so walking it in reverse reaches every one of them first. That total
+is what ``backward(stop_at=name)`` hands the layer just before it returns the gradient of
+the layer's *input* - so ``gradient_at`` listens to what the layer is handed rather than
+reading any single reader's share.
+"""
+import contextlib
+
+import numpy as np
+
+from .. import backend
+from ..layers.base import no_grad
+
+
+# -- the class score -----------------------------------------------------------------------
+
+def predicted_classes(logits):
+    """(N, K) logits -> (N,) the most probable class; one logit means class 1 when z > 0."""
+    logits = backend.asnumpy(logits)
+    if logits.shape[1] == 1:
+        return (logits[:, 0] > 0).astype(np.int64)
+    return np.argmax(logits, axis=1)
+
+
+def class_scores(logits, classes):
+    """(N, K) logits and (N,) classes -> (N,) scores s and ds/dlogits (N, K).
+
+    K = 1: s = z for class 1 and -z for class 0 (so ds/dz = +1 or -1); K > 1: s = z[class].
+    """
+    xp = backend.get_array_module(logits)
+    classes = np.asarray(classes, dtype=np.int64)
+    rows = np.arange(len(classes))
+    dlogits = np.zeros(logits.shape, dtype=logits.dtype)
+    if logits.shape[1] == 1:
+        dlogits[:, 0] = np.where(classes == 1, 1.0, -1.0)
+    else:
+        dlogits[rows, classes] = 1.0
+    dlogits = xp.asarray(dlogits)
+    scores = (logits * dlogits).sum(axis=1)
+    return backend.asnumpy(scores), dlogits
+
+
+def _classes(class_index, logits):
+    """class_index as an (N,) array: one int for all images, one per image, or (None) predicted."""
+    if class_index is None:
+        return predicted_classes(logits)
+    return np.broadcast_to(np.asarray(class_index, dtype=np.int64), (len(logits),))
+
+
+# -- the gradient at any named tensor -------------------------------------------------------
+
+@contextlib.contextmanager
+def _listening(layer, handed):
+    """While inside, ``layer.backward(dy)`` also appends dy (the gradient of its output) to ``handed``."""
+    original = layer.backward
+
+    def backward(dy):
+        handed.append(dy)
+        return original(dy)
+
+    layer.backward = backward            # an instance attribute hides the class's method
+    try:
+        yield
+    finally:
+        del layer.backward
+
+
+def gradient_at(model, head, x, layer=None, class_index=None):
+    """The class score of each image and its gradient at a named layer's output.
+
+    model: a Model (or a runner offering forward/backward) from images (N, H, W, C) to what
+        the head reads; head: a Model from that to logits (N, K); x: model inputs (already
+        preprocessed); layer: the name of a layer of ``model``, or None for the input x
+        itself (a runner supports only None); class_index: None for each image's predicted
+        class, one int for all, or one per image.
+    Returns (scores (N,), classes (N,), activation, gradient), the last two of that layer's
+    output shape (x itself for layer=None), on the current backend. Batch-norm and
+    dropout run in inference mode.
+    """
+    if layer is None:
+        features, activation = model.forward(x), x
+    else:
+        features, captured = model.forward(x, capture=[layer])
+        activation = captured[layer]
+    logits = head.forward(features)
+    classes = _classes(class_index, logits)
+    scores, dlogits = class_scores(logits, classes)
+    dfeatures = head.backward(dlogits)
+    if layer is None:
+        return scores, classes, activation, model.backward(dfeatures)
+    handed = []
+    with _listening(model.get_layer(layer), handed):
+        model.backward(dfeatures, stop_at=layer)      # nothing below the layer is computed
+    return scores, classes, activation, handed[0]
+
+
+# -- the two pictures ----------------------------------------------------------------------
+
+def grad_cam(model, head, x, layer='block14_sepconv2_act', class_index=None):
+    """Grad-CAM heat maps (N, h, w) at ``layer`` (its spatial size), >= 0, not normalised.
+
+    Arguments as ``gradient_at``; the map explains ``class_index`` (default: the predicted class).
+    """
+    _, _, activation, gradient = gradient_at(model, head, x, layer, class_index)
+    if activation.ndim != 4:
+        raise ValueError(f"Grad-CAM needs a layer with a (N, h, w, channels) output; "
+                         f"{layer!r} gives shape {tuple(activation.shape)}")
+    return cam_from(activation, gradient)
+
+
+def cam_from(activation, gradient):
+    """The Grad-CAM map (N, h, w) from an activation (N, h, w, K) and the score's gradient there."""
+    xp = backend.get_array_module(activation)
+    channel_weights = gradient.mean(axis=(1, 2), keepdims=True)         # alpha: (N, 1, 1, K)
+    cam = xp.maximum((channel_weights * activation).sum(axis=3), 0)     # (N, h, w)
+    return backend.asnumpy(cam)
+
+
+def noisy_copy(x, noise, rng):
+    """x plus Gaussian noise of standard deviation noise * (max - min of each image)."""
+    xp = backend.get_array_module(x)
+    axes = tuple(range(1, x.ndim))
+    spread = x.max(axis=axes, keepdims=True) - x.min(axis=axes, keepdims=True)
+    draw = xp.asarray(rng.standard_normal(x.shape)).astype(x.dtype)
+    return x + noise * spread * draw
+
+
+def saliency(model, head, x, samples=8, noise=0.15, seed=0, class_index=None, progress=None):
+    """SmoothGrad: ds/dx averaged over ``samples`` noisy copies of x (noise=0: one plain gradient).
+
+    model may be a Model or a runner (minixcept.engines.training.GradientEngine).
+    The class is chosen once, on the clean images, so every copy explains the same class.
+    Noisy copy i of the batch is ``noisy_copy(x, noise, rng)`` for the i-th draw of
+    ``numpy.random.default_rng(seed)``. progress(done, samples) is called after each copy.
+    Returns the averaged gradient (N, H, W, C) as a NumPy array; ``saliency_image`` makes it a picture.
+    """
+    if class_index is None:
+        with no_grad():
+            class_index = predicted_classes(head.forward(model.forward(x)))
+    rng = np.random.default_rng(seed)
+    copies = samples if noise else 1
+    total = None
+    for done in range(1, copies + 1):
+        x_noisy = noisy_copy(x, noise, rng) if noise else x
+        _, _, _, gradient = gradient_at(model, head, x_noisy, None, class_index)
+        total = gradient if total is None else total + gradient
+        if progress is not None:
+            progress(done, copies)
+    return backend.asnumpy(total / copies)
+
+
+def saliency_image(gradient, percentile=99):
+    """(N, H, W, C) gradient -> (N, H, W) in [0, 1]: the largest |gradient| over the channels,
+    scaled so that each image's ``percentile``-th value is 1 (a few extreme pixels would
+    otherwise leave the rest black)."""
+    magnitude = np.abs(np.asarray(gradient)).max(axis=3)
+    top = np.percentile(magnitude.reshape(len(magnitude), -1), percentile, axis=1)
+    return np.clip(magnitude / np.maximum(top, 1e-30)[:, None, None], 0, 1)
