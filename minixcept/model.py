@@ -82,14 +82,14 @@ class Model:
 
         Tensors no later layer reads are dropped as soon as possible to save memory.
         """
-        first, last = self._stretch(start_after, stop_after)
+        first, last = self.stretch(start_after, stop_after)
         self.check_input(x, start_after)
         names = self._names()[first:last + 1]
         wanted = set(names if capture == 'all' else (capture or ()))
         unknown = wanted - set(names)
         if unknown:
             raise KeyError(f"model {self.name!r} runs no layers named {sorted(unknown)}")
-        last_use = self._last_use(first, last)
+        last_use = self.last_use(first, last)
         tensors, captured = {start_after or 'input': x}, {}
         for position in range(first, last + 1):
             node = self.nodes[position]
@@ -110,22 +110,23 @@ class Model:
         """Backpropagate ``dy`` through the layers the last forward ran; returns the gradient
         of that forward's input (or, after ``start_after``, of that layer's output).
 
-        Each layer's ``grads`` are filled. ``stop_at`` names a layer: the walk stops after
-        that layer's backward (useful when the layers before it are frozen) and returns
-        the gradient with respect to its input.
+        Each layer's ``grads`` are filled. ``stop_at`` names a layer (useful when the layers
+        before it are frozen): the walk stops as soon as the gradient of that layer's (first)
+        input is complete and returns it. Where that tensor fans out, that is after every
+        layer of the stretch that reads it has run its backward: the gradients add up.
         """
         first, last, start = getattr(self, '_last_run', (0, len(self.nodes) - 1, 'input'))
+        stop_position, stop_tensor = self.backward_stop(stop_at, first, last)
         pending = {self.nodes[last].layer.name: dy}
-        for node in reversed(self.nodes[first:last + 1]):
+        for position in range(last, stop_position - 1, -1):
+            node = self.nodes[position]
             grad = pending.pop(node.layer.name)
             input_grads = node.layer.backward(grad)
             if len(node.inputs) == 1:
                 input_grads = (input_grads,)
             for name, g in zip(node.inputs, input_grads):
                 pending[name] = pending[name] + g if name in pending else g   # fan-out: gradients add
-            if node.layer.name == stop_at:
-                return input_grads[0]
-        return pending[start]
+        return pending[stop_tensor or start]
 
     # -- doors to the other wings ---------------------------------------------
     # The textbook imports nothing from the engine room or the file code when it loads, so
@@ -139,11 +140,12 @@ class Model:
         convolutions, ReLU fused, work in cache-sized tiles, one thread per core), which
         agrees with the layers to float32 rounding and runs Xception about 2.5 times as fast
         on a 2-core CPU (benchmarks/RESULTS.md). ``fast=False`` runs the plain layers one by
-        one, as ``forward`` does.
+        one, as ``forward`` does. The engine is kept for the model from call to call (with the
+        memory it reuses) and folds the weights again whenever they change.
         """
         if fast:
-            from .engines.inference import InferenceEngine
-            run = InferenceEngine(self)
+            from .engines.inference import engine_for
+            run = engine_for(self)
         else:
             run = lambda batch: self.forward(batch, training=False)  # noqa: E731
         outputs = []
@@ -177,8 +179,9 @@ class Model:
                 return position
         raise KeyError(f"model {self.name!r} has no layer named {name!r}")
 
-    def _stretch(self, start_after, stop_after):
-        """Positions (first, last) of the nodes to run; checks that only ``start_after`` crosses in."""
+    def stretch(self, start_after=None, stop_after=None):
+        """Positions (first, last) of the nodes that run after layer ``start_after`` up to layer
+        ``stop_after`` (``forward``'s arguments); checks that only ``start_after`` crosses in."""
         first = 0 if start_after is None else self._position(start_after) + 1
         last = len(self.nodes) - 1 if stop_after is None else self._position(stop_after)
         if first > last:
@@ -192,17 +195,41 @@ class Model:
                                  f"{node.layer.name!r} also reads {outside[0]!r}, computed before it")
         return first, last
 
-    def _last_use(self, first=0, last=None):
-        """For each tensor, the position of the last node (in first..last) that reads it."""
+    def readers(self, first=0, last=None):
+        """{tensor name: [positions of the nodes in first..last that read it]}, for every tensor
+        those nodes read or write (a tensor nobody in the stretch reads has an empty list)."""
         last = len(self.nodes) - 1 if last is None else last
-        uses = {}
+        readers = {}
         for position in range(first, last + 1):
             node = self.nodes[position]
-            uses[node.layer.name] = len(self.nodes)          # outputs live until read, the last one always
             for name in node.inputs:
-                uses[name] = position
+                readers.setdefault(name, []).append(position)
+            readers.setdefault(node.layer.name, [])
+        return readers
+
+    def last_use(self, first=0, last=None):
+        """{tensor name: the position of the last node in first..last that reads it}; tensors
+        nobody reads, and the output of node ``last``, get len(self.nodes): they are kept."""
+        last = len(self.nodes) - 1 if last is None else last
+        uses = {name: positions[-1] if positions else len(self.nodes)
+                for name, positions in self.readers(first, last).items()}
         uses[self.nodes[last].layer.name] = len(self.nodes)
         return uses
+
+    def backward_stop(self, stop_at, first=0, last=None):
+        """Where a backward walk over nodes first..last that stops at layer ``stop_at`` ends:
+        (position, tensor), the tensor being ``stop_at``'s (first) input and the position that
+        of its earliest reader in the stretch, after whose backward its gradient is complete.
+        Without ``stop_at``: (first, None), the whole stretch."""
+        last = len(self.nodes) - 1 if last is None else last
+        if stop_at is None:
+            return first, None
+        position = self._position(stop_at)
+        if not first <= position <= last:
+            raise ValueError(f"model {self.name!r}: layer {stop_at!r} is not among the layers the "
+                             f"last forward pass ran")
+        tensor = self.nodes[position].inputs[0]
+        return self.readers(first, last)[tensor][0], tensor
 
     def multiply_adds(self):
         """Multiply-adds for one example."""

@@ -13,9 +13,10 @@ import pytest
 
 import minixcept
 from conftest import relative_error
-from minixcept.engines import inference as fast
 from minixcept import layers as L
-from minixcept.engines.inference import InferenceEngine, depthwise_tile, gather_rows, max_pool_tile
+from minixcept.engines import inference as fast, kernels
+from minixcept.engines.inference import InferenceEngine
+from minixcept.engines.kernels import depthwise_tile, gather_rows, max_pool_tile
 from minixcept.layers.base import no_grad
 from minixcept.model import Model
 from minixcept.padding import window_geometry
@@ -25,8 +26,8 @@ TOLERANCE = 1e-5
 
 def use_tiles(monkeypatch, tile_bytes):
     """Make the engine cut its work into tiles of ``tile_bytes`` and blocks of three tiles."""
-    monkeypatch.setattr(fast, 'TILE_BYTES', tile_bytes)
-    monkeypatch.setattr(fast, 'BLOCK_BYTES', 3 * tile_bytes)
+    monkeypatch.setattr(kernels, 'TILE_BYTES', tile_bytes)
+    monkeypatch.setattr(kernels, 'BLOCK_BYTES', 3 * tile_bytes)
 
 
 @pytest.fixture(params=['default tiles, one thread', 'tiny tiles, four threads'])
@@ -232,7 +233,7 @@ def test_depthwise_tile_matches_a_naive_loop(monkeypatch, rng, method):
     """gather_rows + depthwise_tile for rows 2..5 of a 'same' 3x3 stride-2 convolution, against
     the definition written as loops; by separate multiplies and adds, and by one einsum (which
     the tile takes from EINSUM_MIN_CHANNELS channels on)."""
-    monkeypatch.setattr(fast, 'EINSUM_MIN_CHANNELS', 1 if method == 'einsum' else 10 ** 9)
+    monkeypatch.setattr(kernels, 'EINSUM_MIN_CHANNELS', 1 if method == 'einsum' else 10 ** 9)
     x = rng.standard_normal((1, 9, 8, 3)).astype(np.float32)
     kernel = rng.standard_normal((3, 3, 3, 1)).astype(np.float32)
     (out_h, out_w), pads = window_geometry((9, 8), (3, 3), (2, 2), 'same')
@@ -240,7 +241,7 @@ def test_depthwise_tile_matches_a_naive_loop(monkeypatch, rng, method):
     x_tile = np.empty((1, (bottom - top - 1) * 2 + 3, 8 + sum(pads[1]), 3), np.float32)
     rows_in = gather_rows(x, slice(0, 1), top, bottom, 3, 2, pads, x_tile)
     out = np.empty((1, bottom - top, out_w, 3), np.float32)
-    depthwise_tile(rows_in, fast.along_width(kernel[:, :, :, 0], out_w), (2, 2), out, np.empty_like(out))
+    depthwise_tile(rows_in, kernels.along_width(kernel[:, :, :, 0], out_w), (2, 2), out, np.empty_like(out))
     x_padded = np.pad(x, ((0, 0), pads[0], pads[1], (0, 0)))
     for i in range(top, bottom):
         for j in range(out_w):

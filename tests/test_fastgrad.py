@@ -16,8 +16,9 @@ import pytest
 
 import minixcept
 from conftest import relative_error
-from minixcept.engines import training as fastgrad
+from minixcept.engines import kernels, training as fastgrad
 from minixcept import layers as L
+from minixcept.engines.plan import GraphPlan
 from minixcept.engines.training import GradientEngine
 from minixcept.model import Model
 from test_fast_paths import chain, randomise, use_tiles
@@ -74,12 +75,12 @@ def test_separable_matches_plain(tiles, rng, side, kernel_size, padding, use_bia
     padding differs from the forward one), with and without bias."""
     layer = built(L.SeparableConv2D(6, kernel_size, padding=padding, use_bias=use_bias), (3, side, side, 5), rng)
     x = rng.standard_normal((3, side, side, 5)).astype(np.float32)
-    assert_pair_matches_plain(layer, fastgrad.separable_forward, fastgrad.separable_backward, x, rng)
+    assert_pair_matches_plain(layer, fastgrad.fast_separable_forward, fastgrad.fast_separable_backward, x, rng)
 
 
 def test_separable_with_stride_is_left_to_the_layer(rng):
     layer = built(L.SeparableConv2D(4, 3, strides=2, padding='same'), (1, 8, 8, 3), rng)
-    assert fastgrad.separable_forward(layer, np.zeros((1, 8, 8, 3), np.float32), False) is None
+    assert fastgrad.fast_separable_forward(layer, np.zeros((1, 8, 8, 3), np.float32), False) is None
 
 
 @pytest.mark.parametrize('side', [9, 10])
@@ -92,7 +93,7 @@ def test_convolution_matches_plain(tiles, rng, side, kernel_size, strides, paddi
     layer = built(L.Conv2D(6, kernel_size, strides=strides, padding=padding, use_bias=use_bias),
                   (2, side, side, 4), rng)
     x = rng.standard_normal((2, side, side, 4)).astype(np.float32)
-    assert_pair_matches_plain(layer, fastgrad.conv_forward, fastgrad.conv_backward, x, rng)
+    assert_pair_matches_plain(layer, fastgrad.fast_conv_forward, fastgrad.fast_conv_backward, x, rng)
 
 
 @pytest.mark.parametrize('training, trainable', [(False, True), (True, False)])
@@ -101,7 +102,7 @@ def test_batch_norm_on_moving_statistics_matches_plain(tiles, rng, training, tra
     layer = built(L.BatchNormalization(), (3, 7, 6, 5), rng)
     layer.trainable = trainable
     x = rng.normal(0.3, 2.0, (3, 7, 6, 5)).astype(np.float32)
-    assert_pair_matches_plain(layer, fastgrad.batch_norm_forward, fastgrad.batch_norm_backward, x, rng,
+    assert_pair_matches_plain(layer, fastgrad.fast_batch_norm_forward, fastgrad.fast_batch_norm_backward, x, rng,
                               training=training)
 
 
@@ -156,15 +157,15 @@ def test_xception_fusion_plan():
     relus = {layer.name for layer in model.layers if isinstance(layer, L.Activation)}
     unfused_relus = {'block1_conv1_act', 'block1_conv2_act', model.layers[-2].name}   # the last, before pooling
     assert model.layers[-2].name in relus
-    fused, absorbed = fastgrad.plan_fusion(model, training=False)
+    fused, absorbed = fastgrad.plan_fusion(GraphPlan(model, training=False))
     assert absorbed == batch_norms | (relus - unfused_relus)
     assert {args['bn'].layer.name for args in fused.values() if 'bn' in args} == batch_norms
     assert sum(args.get('relu', False) for args in fused.values()) == len(relus - unfused_relus)
-    fused, absorbed = fastgrad.plan_fusion(model, training=True)
+    fused, absorbed = fastgrad.plan_fusion(GraphPlan(model, training=True))
     assert absorbed == relus - unfused_relus and not any('bn' in args for args in fused.values())
     for layer in model.layers:
         layer.trainable = False
-    assert fastgrad.plan_fusion(model, training=True)[1] == batch_norms | (relus - unfused_relus)
+    assert fastgrad.plan_fusion(GraphPlan(model, training=True))[1] == batch_norms | (relus - unfused_relus)
 
 
 @pytest.mark.parametrize('kernel_size, padding', [(3, 'same'), (2, 'same'), (3, 'valid')])
@@ -180,8 +181,8 @@ def test_relu_fused_into_separable_matches_plain(tiles, rng, kernel_size, paddin
     dy = rng.standard_normal(expected_y.shape).astype(np.float32)
     dr, expected_grads = conv._backward(dy, conv_cache)
     expected_dx, _ = relu._backward(dr, relu_cache)
-    y, cache = fastgrad.separable_forward(conv, x, False, relu=True)
-    dx, grads = fastgrad.separable_backward(conv, dy, cache)
+    y, cache = fastgrad.fast_separable_forward(conv, x, False, relu=True)
+    dx, grads = fastgrad.fast_separable_backward(conv, dy, cache)
     assert relative_error(y, expected_y) <= TOLERANCE
     assert relative_error(dx, expected_dx) <= TOLERANCE
     assert np.all(dx[x <= 0] == 0)
@@ -200,8 +201,8 @@ def test_max_pool_matches_plain(tiles, rng, side, pool_size, strides, padding):
     layer.build((3, side, side, 4))
     x = rng.standard_normal((3, side, side, 4)).astype(np.float32)
     x[:, ::3, ::2] = 0.5                                   # ties: the first in the window wins
-    assert_pair_matches_plain(layer, fastgrad.max_pool_forward, fastgrad.max_pool_backward, x, rng)
-    np.testing.assert_array_equal(fastgrad.max_pool_forward(layer, x, False)[0], layer._forward(x, False)[0])
+    assert_pair_matches_plain(layer, fastgrad.fast_max_pool_forward, fastgrad.fast_max_pool_backward, x, rng)
+    np.testing.assert_array_equal(fastgrad.fast_max_pool_forward(layer, x, False)[0], layer._forward(x, False)[0])
 
 
 @pytest.mark.parametrize('shape', [(3, 5, 6, 4), (7, 5)])
@@ -210,13 +211,13 @@ def test_relu_matches_plain(rng, shape):
     layer.build(shape)
     x = rng.standard_normal(shape).astype(np.float32)
     x.flat[::5] = 0                                       # the kink: gradient 0, as in Keras
-    assert_pair_matches_plain(layer, fastgrad.relu_forward, fastgrad.relu_backward, x, rng)
-    assert fastgrad.relu_forward(L.Activation('sigmoid'), x, False) is None
+    assert_pair_matches_plain(layer, fastgrad.fast_relu_forward, fastgrad.fast_relu_backward, x, rng)
+    assert fastgrad.fast_relu_forward(L.Activation('sigmoid'), x, False) is None
 
 
 def test_batch_norm_on_batch_statistics_is_left_to_the_layer(rng):
     layer = built(L.BatchNormalization(), (3, 7, 6, 5), rng)
-    assert fastgrad.batch_norm_forward(layer, np.ones((3, 7, 6, 5), np.float32), True) is None
+    assert fastgrad.fast_batch_norm_forward(layer, np.ones((3, 7, 6, 5), np.float32), True) is None
 
 
 def test_depthwise_helpers_against_a_naive_loop(rng):
@@ -232,9 +233,9 @@ def test_depthwise_helpers_against_a_naive_loop(rng):
         for j in range(4):
             expected[:, i, j] = (x_pad[:, i:i + 2, j:j + 3] * kernel).sum(axis=(1, 2))
             expected_dk += np.einsum('npqc,nc->pqc', x_pad[:, i:i + 2, j:j + 3], dz[:, i, j])
-    got = fastgrad.depthwise_rows(x, kernel, pads, np.empty_like(dz))
+    got = kernels.depthwise_rows(x, kernel, pads, np.empty_like(dz))
     np.testing.assert_allclose(got, expected, rtol=1e-12, atol=1e-12)
-    np.testing.assert_allclose(fastgrad.depthwise_kernel_gradient(x, dz, (2, 3), pads), expected_dk,
+    np.testing.assert_allclose(kernels.depthwise_kernel_gradient(x, dz, (2, 3), pads), expected_dk,
                                rtol=1e-12, atol=1e-12)
 
 
@@ -311,10 +312,10 @@ def test_batch_norm_on_batch_statistics_alone_matches_plain(rng):
     layer = built(L.BatchNormalization(), (3, 7, 6, 5), rng)
     plain, fast, initial = copy.deepcopy(layer), copy.deepcopy(layer), copy.deepcopy(layer)
     x = rng.normal(0.3, 2.0, (3, 7, 6, 5)).astype(np.float32)
-    assert_pair_matches_plain(layer, fastgrad.batch_norm_train_forward, fastgrad.batch_norm_train_backward, x,
+    assert_pair_matches_plain(layer, fastgrad.fast_batch_norm_train_forward, fastgrad.fast_batch_norm_train_backward, x,
                               rng, training=True)
     plain._forward(x, True)
-    fastgrad.batch_norm_train_forward(fast, x, True)
+    fastgrad.fast_batch_norm_train_forward(fast, x, True)
     for name in ('moving_mean', 'moving_variance'):
         assert not np.allclose(fast.params[name], initial.params[name])        # they did move ...
         np.testing.assert_allclose(fast.params[name], plain.params[name], rtol=1e-6)   # ... alike

@@ -18,20 +18,18 @@ checks the outputs, the input gradient and every weight's gradient against
   dropout in training, which draws its masks from one generator in sequence, makes the
   whole batch run as one share.
 - **Depthwise convolutions tile by tile** (stride 1, any padding), in the CPU cache, with
-  ``fast.py``'s padded row tiles and multiply-adds. Their backward pass is the same
-  kind of work: the input gradient of a stride-1 depthwise convolution is a depthwise
-  convolution of the output gradient with the kernel turned 180 degrees,
-
-      dx[n, i, j, c] = sum over p, q of dz_pad[n, i + p, j + q, c] * kernel[kh-1-p, kw-1-q, c]
-
-  where dz_pad is dz padded by (kh-1-top, kh-1-bottom) rows and (kw-1-left, kw-1-right)
-  columns, and the kernel gradient sums, tile by tile, the products of each shifted
-  input window with dz.
+  the padded row tiles and multiply-adds of ``minixcept.engines.kernels``. Their backward
+  pass is the same kind of work: the input gradient of a stride-1 depthwise convolution is
+  a depthwise convolution of the output gradient with the kernel turned 180 degrees (the
+  rule is derived in ``minixcept.layers.depthwise``), and the kernel gradient sums, tile by
+  tile, the products of each shifted input window with dz.
 - **Batch-norm on moving statistics folded into the convolution before it**, forward and
-  backward (see ``FoldedBatchNorm``): one matrix product gives the batch-norm's output, and
+  backward (see ``FoldedBatchNorm``; the folding itself is taught in
+  ``minixcept.layers.normalization``): one matrix product gives the batch-norm's output, and
   the product that gives the kernel gradient also gives gamma's. A batch-norm that cannot
   fold, or that trains on batch statistics, runs in whole-array passes with its per-channel
-  numbers repeated along W (see ``fast.along_width``).
+  numbers repeated along W (see ``kernels.along_width``). What fuses with what is decided by
+  the graph plan both engines share (``minixcept.engines.plan``).
 - **A ReLU before a separable convolution runs inside it**: applied while the depthwise
   step copies its input rows into the padded tile, and its mask applied to the input
   gradient tile by tile; the ReLU's output is never stored.
@@ -39,37 +37,45 @@ checks the outputs, the input gradient and every weight's gradient against
   block, and **max pooling tile by tile**, each tile through the plain layer's own code.
 - **Other ReLUs in one pass** (the maximum with a row of zeros), keeping only their output.
 - **Memory kept from pass to pass.** Each share's outputs, caches, gradients and scratch
-  come from a buffer pool (``fast.BufferPool``) that the engine keeps: fresh memory costs a
+  come from a buffer pool (``kernels.BufferPool``) that the engine keeps: fresh memory costs a
   page fault per page on first write, and on a virtual machine a pass through fresh memory
   took up to twice as long. A gradient goes back to the pool as soon as the layer below
   has used it; the caches go back after the backward pass. What the engine returns, and
   every layer's ``grads``, are ordinary arrays of the caller's.
 
-Every other layer (and every layer on a GPU) runs its own ``_forward`` / ``_backward``.
+Every other layer (and every layer on a GPU) runs its own pure pair, through the layer's
+``forward_step`` / ``backward_step``.
+
+The engine offers what ``Model`` offers a training loop (``forward``, ``backward``,
+``layers``, ``get_layer``), with the same arguments, so ``workflows.fit`` and fine-tuning run
+on either. ``engine_for(model)`` keeps one engine per model.
 
     engine = GradientEngine(model)
-    y = engine.forward(x, training=False)          # like model.forward
-    dx = engine.backward(dy)                       # like model.backward: fills layer.grads
+    y = engine.forward(x, training=False)          # like model.forward (start_after, stop_after too)
+    dx = engine.backward(dy)                       # like model.backward (stop_at too): fills layer.grads
 """
 import contextlib
-import math
 import threading
+import weakref
 
 import numpy as np
 
-from .inference import (BufferPool, _extent, along_width, depthwise_tile, engine_workers, gather_rows,
-                   im2col_tile, plan_blocks, single_threaded_blas)
 from ..layers import Activation, Add, BatchNormalization, Conv2D, Dropout, MaxPooling2D, SeparableConv2D
-from ..layers.pooling import max_pool2d_backward, max_pool2d_forward
+from ..layers.base import grad_enabled
+from ..layers.pooling import max_pool2d_backward
 from ..padding import window, window_geometry
+from .kernels import (BufferPool, along_width, backward_pads, conv_kernel_gradient, conv_rows, depthwise_kernel_gradient,
+                      depthwise_rows, done_with, engine_workers, extent, gather_rows, lending_from,
+                      max_pool_tile_with_argmax, new_array, new_like, single_threaded_blas, tiles_of)
+from .plan import GraphPlan, Kernels
 
 # Batch-norm's gamma gradient is summed over pieces of about this many bytes of x and dy.
 SUM_BYTES = 256 * 1024
 
 
-# -- memory -------------------------------------------------------------------------------------
+# -- sums over the shares of a batch ------------------------------------------------------------
 
-_running = threading.local()           # .buffers, .share: the pool and the ShareSums of the share this thread runs
+_running = threading.local()           # .share: (index, ShareSums) of the share this thread runs
 
 
 class ShareSums:
@@ -102,134 +108,6 @@ def share_sums(*partial):
     themselves outside an engine, or with one share)."""
     share = getattr(_running, 'share', None)
     return partial if share is None else share[1](share[0], *partial)
-
-
-def new_array(shape, dtype):
-    """An uninitialised array for a large output or cache: from the buffer pool of the share
-    that the calling thread runs (see ``GradientEngine``), else a fresh ``np.empty``."""
-    buffers = getattr(_running, 'buffers', None)
-    return np.empty(shape, dtype) if buffers is None else buffers.empty(shape, dtype)
-
-
-def new_like(array):
-    return new_array(array.shape, array.dtype)
-
-
-def done_with(*arrays):
-    """Hand scratch arrays from ``new_array`` back to the running share's pool (if any)."""
-    buffers = getattr(_running, 'buffers', None)
-    if buffers is not None:
-        for array in arrays:
-            if array is not None:
-                buffers.give_back(array)
-
-
-# -- depthwise convolution, tile by tile ----------------------------------------------------------
-
-def _tiles(n_images, out_h, row_bytes):
-    return [tile for _, tiles in plan_blocks(n_images, out_h, row_bytes, np) for tile in tiles]
-
-
-def depthwise_rows(x, kernel, pads, out, relu=False, mask=None):
-    """Stride-1 depthwise convolution of x, zero-padded by ``pads``, into ``out``, tile by tile.
-
-    x: (N, H, W, C); kernel: (kh, kw, C); pads: ((top, bottom), (left, right));
-    out: (N, H + top + bottom - kh + 1, W + left + right - kw + 1, C). Returns out.
-    relu: convolve ReLU(x) instead, applied as the rows are copied into the padded tile.
-    mask: an array like out; where it is <= 0, out is set to 0 (the backward pass of a ReLU
-    whose input was ``mask``), while each tile is still in cache.
-    """
-    kh, kw, channels = kernel.shape
-    n, out_h, out_w, _ = out.shape
-    taps = along_width(kernel, out_w)                                     # (kh, kw, W_out, C)
-    tiles = _tiles(n, out_h, out_w * channels * x.itemsize)
-    tile_images, tile_rows = max(_extent(tile) for tile in tiles)
-    x_tile = new_array((tile_images, tile_rows + kh - 1, x.shape[2] + sum(pads[1]), channels), x.dtype)
-    products = new_array((tile_images, tile_rows, out_w, channels), x.dtype)
-    positive = new_array(products.shape, bool) if mask is not None else None
-    relu_zeros = np.zeros(x.shape[2:], x.dtype) if relu else None
-    for images, top, bottom in tiles:
-        padded = gather_rows(x, images, top, bottom, kh, 1, pads, x_tile, relu_zeros=relu_zeros)
-        part = out[images, top:bottom]
-        depthwise_tile(padded, taps, (1, 1), part, products[:part.shape[0], :part.shape[1]])
-        if mask is not None:
-            where = np.greater(mask[images, top:bottom], 0, out=positive[:part.shape[0], :part.shape[1]])
-            np.multiply(part, where, out=part)
-    done_with(x_tile, products, positive)
-    return out
-
-
-def depthwise_kernel_gradient(x, dz, kernel_size, pads, relu=False):
-    """dkernel[p, q, c] = sum over n, i, j of x_pad[n, i + p, j + q, c] * dz[n, i, j, c], for a
-    stride-1 depthwise convolution; summed tile by tile (``einsum`` multiplies and adds in
-    one pass, with no array of products). relu: of ReLU(x). Returns (kh, kw, C)."""
-    kh, kw = kernel_size
-    n, out_h, out_w, channels = dz.shape
-    tiles = _tiles(n, out_h, out_w * channels * x.itemsize)
-    tile_images, tile_rows = max(_extent(tile) for tile in tiles)
-    x_tile = new_array((tile_images, tile_rows + kh - 1, x.shape[2] + sum(pads[1]), channels), x.dtype)
-    dkernel = np.zeros((kh, kw, channels), x.dtype)
-    relu_zeros = np.zeros(x.shape[2:], x.dtype) if relu else None
-    for images, top, bottom in tiles:
-        padded = gather_rows(x, images, top, bottom, kh, 1, pads, x_tile, relu_zeros=relu_zeros)
-        dz_part = dz[images, top:bottom]
-        for p in range(kh):
-            for q in range(kw):
-                dkernel[p, q] += np.einsum('nijc,nijc->c', window(padded, p, q, dz_part.shape[1:3], (1, 1)),
-                                           dz_part)
-    done_with(x_tile)
-    return dkernel
-
-
-def backward_pads(kernel_size, pads):
-    """The padding of dz under which the 180-degree-turned kernel gives dx (see the module
-    docstring): kh-1-top rows above, kh-1-bottom below, likewise for the columns."""
-    (kh, kw), ((top, bottom), (left, right)) = kernel_size, pads
-    return (kh - 1 - top, kh - 1 - bottom), (kw - 1 - left, kw - 1 - right)
-
-
-# -- full convolution: im2col a block at a time ---------------------------------------------------
-
-def im2col_blocks(x, kernel_size, strides, pads, out_hw):
-    """Yield (images slice, first row, end row, columns) for blocks of output rows, where
-    columns (n, rows, W_out, kh, kw, C_in) are the block's im2col rows, built tile by tile
-    in cache (``fast.im2col_tile``). The array is reused: use it before the next block."""
-    (kh, kw), (sh, _) = kernel_size, strides
-    n, c_in = x.shape[0], x.shape[3]
-    out_h, out_w = out_hw
-    blocks = plan_blocks(n, out_h, out_w * kh * kw * c_in * x.itemsize, np)
-    block_images, block_rows = max(_extent(block) for block, _ in blocks)
-    tile_images, tile_rows = max(_extent(tile) for _, tiles in blocks for tile in tiles)
-    x_tile = new_array((tile_images, (tile_rows - 1) * sh + kh, x.shape[2] + sum(pads[1]), c_in), x.dtype)
-    columns = new_array((block_images, block_rows, out_w, kh, kw, c_in), x.dtype)
-    for (images, top, bottom), tiles in blocks:
-        block = columns[:images.stop - images.start, :bottom - top]
-        for tile_images_, tile_top, tile_bottom in tiles:
-            padded = gather_rows(x, tile_images_, tile_top, tile_bottom, kh, sh, pads, x_tile)
-            first = tile_images_.start - images.start
-            im2col_tile(padded, kernel_size, strides,
-                        block[first:first + tile_images_.stop - tile_images_.start,
-                              tile_top - top:tile_bottom - top])
-        yield images, top, bottom, block
-    done_with(x_tile, columns)
-
-
-def conv_rows(x, kernel, strides, pads, out):
-    """A full convolution of x, zero-padded by ``pads``, into ``out``: per block of output rows,
-    im2col in cache and one matrix product with the kernel as a (kh*kw*C_in, C_out) matrix."""
-    kh, kw, _, c_out = kernel.shape
-    matrix = kernel.reshape(-1, c_out)
-    for images, top, bottom, columns in im2col_blocks(x, (kh, kw), strides, pads, out.shape[1:3]):
-        np.matmul(columns.reshape(-1, matrix.shape[0]), matrix, out=out[images, top:bottom].reshape(-1, c_out))
-    return out
-
-
-def conv_kernel_gradient(x, dy, kernel_shape, strides, pads):
-    """dkernel = columns.T @ dy, summed block by block with the im2col columns rebuilt from x."""
-    dkernel = np.zeros((math.prod(kernel_shape[:3]), kernel_shape[3]), x.dtype)
-    for images, top, bottom, columns in im2col_blocks(x, kernel_shape[:2], strides, pads, dy.shape[1:3]):
-        dkernel += columns.reshape(-1, dkernel.shape[0]).T @ dy[images, top:bottom].reshape(-1, kernel_shape[3])
-    return dkernel.reshape(kernel_shape)
 
 
 # -- the fast layers ------------------------------------------------------------------------------
@@ -266,9 +144,7 @@ class FoldedBatchNorm:
 
     def fold(self, matrix, bias):
         """(K * scale, (b - mean) * scale + beta) for K: (K rows, C_out), b: (C_out,) or None."""
-        p = self.layer.params
-        shift = p['beta'] - p['moving_mean'] * self.scale
-        return matrix * self.scale, shift if bias is None else shift + bias * self.scale
+        return self.layer.fold_into(matrix, bias)
 
     def gradients(self, matrix, bias, g, dbeta):
         """(dK, db or None, {'gamma', 'beta'}) from G = columns.T @ dy and dbeta = sum(dy)."""
@@ -294,7 +170,7 @@ def _parameter_gradients(layer, kernel, bias, g, dy, bn, *leading):
     return {layer.name: layer.named(*leading, dmatrix.reshape(kernel.shape), dbias), bn.layer.name: bn_grads}
 
 
-def conv_forward(layer, x, training, bn=None):
+def fast_conv_forward(layer, x, training, bn=None):
     """Conv2D [+ folded batch-norm] through ``conv_rows``; keeps only x, as the plain layer does."""
     kernel = layer.params['kernel']
     matrix, bias = _matrix_and_bias(kernel, layer.params.get('bias'), bn)
@@ -306,7 +182,7 @@ def conv_forward(layer, x, training, bn=None):
     return y, (x, pads, bn)
 
 
-def conv_backward(layer, dy, cache):
+def fast_conv_backward(layer, dy, cache):
     """With stride 1, dx is the convolution of dy with the kernel turned 180 degrees and its
     channel axes swapped (the backward padding as for depthwise); with a larger stride each
     offset's share of dy @ kernel.T is added back through its strided window (col2im)."""
@@ -332,7 +208,7 @@ def conv_backward(layer, dy, cache):
     return dx, _parameter_gradients(layer, kernel, bias, g, dy, bn)
 
 
-def separable_forward(layer, x, training, bn=None, relu=False):
+def fast_separable_forward(layer, x, training, bn=None, relu=False):
     """[ReLU ->] SeparableConv2D [-> folded batch-norm] with stride 1: depthwise tile by tile
     into z (ReLU applied as the rows are copied in), then one matrix product. Keeps x (before
     the ReLU) and z. None where it does not apply."""
@@ -351,7 +227,7 @@ def separable_forward(layer, x, training, bn=None, relu=False):
     return y, (x, z, pads, bn, relu)
 
 
-def separable_backward(layer, dy, cache):
+def fast_separable_backward(layer, dy, cache):
     """The pointwise half as two matrix products, then the depthwise half tile by tile, the
     ReLU's mask applied to dx while each tile is in cache."""
     x, z, pads, bn, relu = cache
@@ -370,7 +246,7 @@ def separable_backward(layer, dy, cache):
     return dx, _parameter_gradients(layer, kernel, bias, g, dy, bn, ddepthwise)
 
 
-def batch_norm_forward(layer, x, training):
+def fast_batch_norm_forward(layer, x, training):
     """BatchNormalization on its moving statistics, for (N, H, W, C) inputs: one multiply
     and one add with per-channel rows. None where it does not apply (batch statistics)."""
     if (training and layer.trainable) or x.ndim != 4:
@@ -384,7 +260,7 @@ def batch_norm_forward(layer, x, training):
     return y, (x, inv_std, scale)
 
 
-def batch_norm_backward(layer, dy, cache):
+def fast_batch_norm_backward(layer, dy, cache):
     """dx = dy * gamma * inv_std, dbeta = sum(dy), dgamma = sum(dy * (x - mean)) * inv_std,
     all three a piece of rows at a time, so that dy and x are read from memory once."""
     x, inv_std, scale = cache
@@ -405,12 +281,12 @@ def batch_norm_backward(layer, dy, cache):
     return dx, {layer.name: {'gamma': dgamma * inv_std, 'beta': dbeta}}
 
 
-def batch_norm_train_forward(layer, x, training):
+def fast_batch_norm_train_forward(layer, x, training):
     """BatchNormalization on batch statistics, for (N, H, W, C) inputs, with the batch shared
     out between threads: the mean and the (biased) variance are sums over the whole batch,
     gathered from every share (``share_sums``), in two passes as the plain layer computes them.
     The moving statistics move once, by the share with the first examples. None where it does
-    not apply (moving statistics: see ``batch_norm_forward``)."""
+    not apply (moving statistics: see ``fast_batch_norm_forward``)."""
     if not (training and layer.trainable) or x.ndim != 4:
         return None
     p = layer.params
@@ -429,10 +305,11 @@ def batch_norm_train_forward(layer, x, training):
     if share is None or share[0] == 0:
         p['moving_mean'] = p['moving_mean'] * layer.momentum + mean * (1 - layer.momentum)
         p['moving_variance'] = p['moving_variance'] * layer.momentum + variance * (1 - layer.momentum)
+        layer.weights_changed()
     return y, (x, mean, inv_std, count)
 
 
-def batch_norm_train_backward(layer, dy, cache):
+def fast_batch_norm_train_backward(layer, dy, cache):
     """dx = gamma * inv_std / m * (m * dy - dbeta - x_hat * dgamma), with dbeta = sum(dy) and
     dgamma = sum(dy * x_hat) over the whole batch (m values per channel), gathered from every
     share. Each share reports its own part of dbeta and dgamma; the engine adds them up."""
@@ -452,27 +329,28 @@ def batch_norm_train_backward(layer, dy, cache):
     return dx, {layer.name: {'gamma': dgamma_part, 'beta': dbeta_part}}
 
 
-def max_pool_forward(layer, x, training):
+def fast_max_pool_forward(layer, x, training):
     """MaxPooling2D tile by tile: each tile of output rows gets its (-inf-)padded input rows,
-    and the plain layer's own forward runs on that tile with 'valid' padding, in cache. Keeps
-    the winning offsets (int8) for the whole output, as the plain layer does."""
+    pooled in cache with the winning offsets (``kernels.max_pool_tile_with_argmax``: the plain
+    layer's rule, ties to the first). Keeps the offsets (int8) for the whole output, as the
+    plain layer does."""
     n, _, width, channels = x.shape
     (kh, _), (sh, _) = layer.pool_size, layer.strides
     (out_h, out_w), pads = window_geometry(x.shape[1:3], layer.pool_size, layer.strides, layer.padding)
     y = new_array((n, out_h, out_w, channels), x.dtype)
     argmax = new_array(y.shape, np.int8)
-    tiles = _tiles(n, out_h, sh * width * channels * x.itemsize)
-    tile_images, tile_rows = max(_extent(tile) for tile in tiles)
+    tiles = tiles_of(n, out_h, sh * width * channels * x.itemsize)
+    tile_images, tile_rows = max(extent(tile) for tile in tiles)
     x_tile = new_array((tile_images, (tile_rows - 1) * sh + kh, width + sum(pads[1]), channels), x.dtype)
     for images, top, bottom in tiles:
         padded = gather_rows(x, images, top, bottom, kh, sh, pads, x_tile, fill=-np.inf)
-        y[images, top:bottom], (_, argmax[images, top:bottom], *_) = max_pool2d_forward(
-            padded, layer.pool_size, layer.strides, 'valid')
+        max_pool_tile_with_argmax(padded, layer.pool_size, layer.strides, y[images, top:bottom],
+                                  argmax[images, top:bottom])
     done_with(x_tile)
     return y, (x.shape, argmax, pads)
 
 
-def max_pool_backward(layer, dy, cache):
+def fast_max_pool_backward(layer, dy, cache):
     """Each tile of dy goes back through the plain layer's backward into the padded rows its
     windows covered, and the part of those rows inside the input is added into dx:
     neighbouring tiles share a halo row. (The padding, -inf, never wins a max, so nothing is
@@ -483,7 +361,7 @@ def max_pool_backward(layer, dy, cache):
     (top_pad, _), (left, right) = pads
     dx = new_array(x_shape, dy.dtype)
     dx[...] = 0
-    for images, top, bottom in _tiles(n, dy.shape[1], sh * width * channels * dy.itemsize):
+    for images, top, bottom in tiles_of(n, dy.shape[1], sh * width * channels * dy.itemsize):
         rows_in = (bottom - top - 1) * sh + kh
         tile_shape = (images.stop - images.start, rows_in, width + left + right, channels)
         dx_tile = max_pool2d_backward(dy[images, top:bottom], (tile_shape, argmax[images, top:bottom],
@@ -494,16 +372,16 @@ def max_pool_backward(layer, dy, cache):
     return dx, {layer.name: {}}
 
 
-def relu_forward(layer, x, training):
+def fast_relu_forward(layer, x, training):
     """A ReLU not fused into a convolution: one pass (the zero repeated along W, see
-    ``fast.along_width``); keeps its output, whose positive entries are where x was positive."""
+    ``kernels.along_width``); keeps its output, whose positive entries are where x was positive."""
     if layer.activation != 'relu':
         return None
     y = np.maximum(x, np.zeros(x.shape[-2:] if x.ndim > 2 else x.shape[-1:], x.dtype), out=new_like(x))
     return y, y
 
 
-def relu_backward(layer, dy, y):
+def fast_relu_backward(layer, dy, y):
     positive = np.greater(y, 0, out=new_array(y.shape, bool))
     dx = np.multiply(dy, positive, out=new_like(dy))
     done_with(positive)
@@ -513,12 +391,12 @@ def relu_backward(layer, dy, y):
 # For each layer type, its fast (forward, backward) pairs; the first whose forward takes the
 # case (does not return None) runs.
 FAST_LAYERS = {
-    Activation: [(relu_forward, relu_backward)],
-    MaxPooling2D: [(max_pool_forward, max_pool_backward)],
-    Conv2D: [(conv_forward, conv_backward)],
-    SeparableConv2D: [(separable_forward, separable_backward)],
-    BatchNormalization: [(batch_norm_forward, batch_norm_backward),
-                         (batch_norm_train_forward, batch_norm_train_backward)],
+    Activation: [(fast_relu_forward, fast_relu_backward)],
+    MaxPooling2D: [(fast_max_pool_forward, fast_max_pool_backward)],
+    Conv2D: [(fast_conv_forward, fast_conv_backward)],
+    SeparableConv2D: [(fast_separable_forward, fast_separable_backward)],
+    BatchNormalization: [(fast_batch_norm_forward, fast_batch_norm_backward),
+                         (fast_batch_norm_train_forward, fast_batch_norm_train_backward)],
 }
 
 
@@ -542,49 +420,55 @@ def _layer_forward(layer, inputs, training, fused=None):
         result = forward(layer, x, training, **(fused or {}))
         if result is not None:
             return result[0], result[1], lambda dy, cache, backward=backward: backward(layer, dy, cache)
-    y, cache = layer._forward(x, training)
+    y, cache = layer.forward_step(x, training)
 
     def plain_backward(dy, cache):
-        dx, grads = layer._backward(dy, cache)
+        dx, grads = layer.backward_step(dy, cache)
         return dx, {layer.name: grads}
     return y, cache, plain_backward
 
 
-def plan_fusion(model, training):
-    """Which layers fuse into a convolution next to them, in this mode.
+def _stride_one_separable(layer):
+    return isinstance(layer, SeparableConv2D) and layer.strides == (1, 1)
+
+
+# What this engine's fast pairs take into a convolution: a ReLU on its input rows and a folded
+# batch-norm for a stride-1 separable convolution; a folded batch-norm for a full convolution.
+KERNELS = Kernels(leading_relu=_stride_one_separable,
+                  batch_norm=lambda conv: isinstance(conv, Conv2D) or _stride_one_separable(conv),
+                  trailing_relu=lambda conv: False)
+
+
+def plan_fusion(graph):
+    """Which layers fuse into a convolution next to them (the shared rules of
+    ``minixcept.engines.plan``, with this engine's ``KERNELS``), for a ``GraphPlan``.
 
     Returns ({convolution name: keyword arguments for its fast forward}, {names of the layers
-    fused away}). A batch-norm on its moving statistics that alone reads a Conv2D's or a
-    stride-1 SeparableConv2D's output folds into it (``bn``); a ReLU whose output only a
-    stride-1 SeparableConv2D reads runs inside it (``relu``): applied as the depthwise step
-    copies its input rows, and its mask applied to that step's input gradient. A fused
-    layer's output is never the model's output. (Fusion keeps the mathematics: the tests
-    compare fused pairs with the plain layers.)
+    fused away}): ``bn``, a ``FoldedBatchNorm``; ``relu=True``, a ReLU applied as the
+    depthwise step copies its input rows, and its mask applied to that step's input gradient.
+    (Fusion keeps the mathematics: the tests compare fused pairs with the plain layers.)
     """
-    readers = {}
-    for node in model.nodes:
-        for name in node.inputs:
-            readers.setdefault(name, []).append(node.layer)
-    last = model.nodes[-1].layer.name
-
-    def sole_reader(name):
-        reading = readers.get(name, [])
-        return reading[0] if name != last and len(reading) == 1 else None
-
-    def stride_one_separable(layer):
-        return isinstance(layer, SeparableConv2D) and layer.strides == (1, 1)
-
-    fused, absorbed = {}, set()
-    for node in model.nodes:
-        layer, reader = node.layer, sole_reader(node.layer.name)
-        if ((isinstance(layer, Conv2D) or stride_one_separable(layer)) and isinstance(reader, BatchNormalization)
-                and not (training and reader.trainable)):
-            fused.setdefault(layer.name, {})['bn'] = FoldedBatchNorm(reader)
-            absorbed.add(reader.name)
-        if isinstance(layer, Activation) and layer.activation == 'relu' and stride_one_separable(reader):
-            fused.setdefault(reader.name, {})['relu'] = True
-            absorbed.add(layer.name)
+    fusions, absorbed = graph.fusions(KERNELS)
+    fused = {}
+    for name, fusion in fusions.items():
+        arguments = fused[name] = {}
+        if fusion.batch_norm is not None:
+            arguments['bn'] = FoldedBatchNorm(fusion.batch_norm.layer)
+        if fusion.leading_relu is not None:
+            arguments['relu'] = True
     return fused, absorbed
+
+
+def engine_for(model):
+    """The ``GradientEngine`` kept for ``model`` (made on first use, with its buffer pools):
+    what ``workflows.fit`` and fine-tuning run on."""
+    engine = _kept.get(model)
+    if engine is None:
+        engine = _kept[model] = GradientEngine(model)
+    return engine
+
+
+_kept = weakref.WeakKeyDictionary()
 
 
 # -- the engine -----------------------------------------------------------------------------------
@@ -592,7 +476,10 @@ def plan_fusion(model, training):
 class GradientEngine:
     """A model's forward and backward pass for training, faster on the CPU (see the module
     docstring). Same results as ``model.forward`` / ``model.backward`` up to float32
-    rounding: the output, the input gradient, and each layer's ``grads``.
+    rounding: the output, the input gradient, and each layer's ``grads``. It runs on the
+    model's own layers and weights: an optimizer step, ``set_weights`` or ``load_weights``
+    between passes is seen by the next one (the folds are made afresh when a layer's
+    ``weights_version`` changed).
 
     threads: how many shares a batch is cut into, each run on its own thread while BLAS is
     held to one thread (default: one per usable core when threadpoolctl is installed, else 1).
@@ -609,16 +496,48 @@ class GradientEngine:
         # can take longer than the arithmetic on it.
         self.buffers = [BufferPool() for _ in range(self.threads)]
         self._shares = None                      # per share: (slice of the batch, its node records)
+        self._graph = self._fused = None         # the GraphPlan and fusions of the last forward pass
+        self._plans, self._versions = {}, None
 
-    def needs_one_share(self, training):
+    # -- what a runner offers (as Model) -------------------------------------------------------
+    @property
+    def layers(self):
+        return self.model.layers
+
+    @property
+    def name(self):
+        return self.model.name
+
+    def get_layer(self, name):
+        return self.model.get_layer(name)
+
+    def output_shape(self, name=None):
+        return self.model.output_shape(name)
+
+    def count_params(self):
+        return self.model.count_params()
+
+    def _plan(self, training, start_after, stop_after):
+        """(GraphPlan, fusions) for this stretch and mode, made afresh when weights changed."""
+        versions = [layer.weights_version for layer in self.model.layers]
+        if versions != self._versions:
+            self._plans, self._versions = {}, versions
+        key = (training, start_after, stop_after)
+        if key not in self._plans:
+            graph = GraphPlan(self.model, training, start_after=start_after, stop_after=stop_after)
+            self._plans[key] = graph, plan_fusion(graph)
+        return self._plans[key]
+
+    def needs_one_share(self, training, nodes=None):
         """Whether the batch must run as one share in this mode: a dropout layer draws its
         masks from one generator, example after example, and shares would draw them in
         another order; and a batch-norm on batch statistics of other than (N, H, W, C)
         inputs runs the plain layer, which sees only its own share. (On (N, H, W, C) inputs
-        the shares add up their sums, see ``ShareSums``. On a GPU a batch is always one share.)"""
+        the shares add up their sums, see ``ShareSums``. On a GPU a batch is always one share.)
+        nodes: the nodes that run (default: all)."""
         if not training:
             return False
-        for node in self.model.nodes:
+        for node in self.model.nodes if nodes is None else nodes:
             layer = node.layer
             if isinstance(layer, Dropout) and layer.rate > 0:
                 return True
@@ -627,9 +546,9 @@ class GradientEngine:
                 return True
         return False
 
-    def _share_slices(self, x, training):
+    def _share_slices(self, x, training, nodes=None):
         if (self.threads == 1 or len(x) < self.threads or not isinstance(x, np.ndarray)
-                or self.needs_one_share(training)):
+                or self.needs_one_share(training, nodes)):
             return [slice(0, len(x))]
         bounds = np.linspace(0, len(x), self.threads + 1).round().astype(int)
         return [slice(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
@@ -642,16 +561,17 @@ class GradientEngine:
         sums = ShareSums(count)
 
         def run(index, _slot=0):
-            _running.buffers, _running.share = self.buffers[index], (index, sums)
+            _running.share = (index, sums)
             try:
-                results[index] = function(index)
+                with lending_from(self.buffers[index]):
+                    results[index] = function(index)
             except threading.BrokenBarrierError:
                 pass                             # another share failed: its error is the one raised
             except BaseException:
                 sums.abort()                     # let the shares waiting for this one go
                 raise
             finally:
-                _running.buffers = _running.share = None
+                _running.share = None
         if count == 1:
             run(0)
             return results
@@ -665,21 +585,21 @@ class GradientEngine:
         for buffers in self.buffers:
             buffers.give_back_all()
 
-    def forward(self, x, training=False):
-        """Like ``model.forward(x, training)``; keeps what ``backward`` needs."""
+    def forward(self, x, training=False, start_after=None, stop_after=None):
+        """Like ``model.forward(x, training, start_after=..., stop_after=...)``; keeps what
+        ``backward`` needs (nothing under ``no_grad()``)."""
         model = self.model
-        model.check_input(x)
+        model.check_input(x, start_after)
         self._release()
-        last_use = model._last_use()
-        slices = self._share_slices(x, training)
-        fused, absorbed = plan_fusion(model, training) if isinstance(x, np.ndarray) else ({}, set())
+        graph, (fused, absorbed) = self._plan(training, start_after, stop_after)
+        if not isinstance(x, np.ndarray):
+            fused, absorbed = {}, set()
+        slices = self._share_slices(x, training, graph.nodes)
 
         def run(index):
-            tensors, records = {'input': x[slices[index]]}, []
-            for position, node in enumerate(model.nodes):
+            tensors, records = {graph.start: x[slices[index]]}, []
+            for position, node in zip(graph.positions, graph.nodes):
                 layer = node.layer
-                if not layer.built:
-                    layer.build(tensors[node.inputs[0]].shape)
                 inputs = [tensors[name] for name in node.inputs]
                 if layer.name in absorbed:           # a convolution next to it does its work
                     y, cache, backward = inputs[0], None, _passed_on
@@ -688,25 +608,45 @@ class GradientEngine:
                 tensors[layer.name] = y
                 records.append((cache, backward))
                 for name in node.inputs:
-                    if last_use[name] == position:
+                    if graph.last_use[name] == position:
                         del tensors[name]
-            return tensors[model.nodes[-1].layer.name], records
+            return tensors[graph.output], records
 
         results = self._each_share(run, len(slices))
-        self._shares = [(share, records) for share, (_, records) in zip(slices, results)]
         outputs = [y for y, _ in results]
-        return outputs[0].copy() if len(outputs) == 1 else np.concatenate(outputs)   # not pool memory
+        y = outputs[0].copy() if len(outputs) == 1 else np.concatenate(outputs)   # not pool memory
+        if grad_enabled():
+            self._graph, self._fused = graph, (fused, absorbed)
+            self._shares = [(share, records) for share, (_, records) in zip(slices, results)]
+        else:
+            self._release()
+        return y
 
-    def backward(self, dy):
-        """Like ``model.backward(dy)`` after this engine's ``forward``: returns the gradient of
-        the input and fills every layer's ``grads`` (summed over the shares)."""
+    __call__ = forward
+
+    def backward(self, dy, stop_at=None):
+        """Like ``model.backward(dy, stop_at)`` after this engine's ``forward``: returns the
+        gradient of that forward's input (or of ``stop_at``'s input, complete where it fans
+        out: see ``Model.backward``) and fills the ``grads`` of every layer it ran back
+        through (summed over the shares)."""
         if self._shares is None:
-            raise RuntimeError(f"model {self.model.name!r}: the engine's backward needs its forward first")
-        nodes, shares = self.model.nodes, self._shares
+            raise RuntimeError(f"model {self.model.name!r}: the engine's backward needs its forward first "
+                               f"(with gradients enabled)")
+        graph, shares = self._graph, self._shares
+        stop_position, stop_tensor = self.model.backward_stop(stop_at, graph.first, graph.last)
+        fused, absorbed = self._fused
+        hidden = ({name for name, arguments in fused.items() if 'bn' in arguments}      # before a folded BN
+                  | {name for name in absorbed if not isinstance(self.model.get_layer(name), BatchNormalization)})
+        if stop_tensor in hidden:
+            raise ValueError(f"model {self.model.name!r}: the engine fuses {stop_tensor!r} with its neighbour, "
+                             f"so it cannot stop at {stop_at!r}; stop at a layer that reads an unfused tensor "
+                             f"(e.g. the first layer of a block), or run the model's own backward")
+        walked = range(len(graph.nodes) - 1, stop_position - graph.first - 1, -1)     # indices into graph.nodes
+        wanted = stop_tensor or graph.start
 
         def run(index):
             share, records = shares[index]
-            pending, grads = {nodes[-1].layer.name: dy[share]}, {}
+            pending, grads = {graph.output: dy[share]}, {}
             buffers = self.buffers[index]
 
             def spent(array):
@@ -715,7 +655,8 @@ class GradientEngine:
                 if isinstance(array, np.ndarray) and not any(np.may_share_memory(array, g) for g in pending.values()):
                     buffers.give_back(array)
 
-            for node, (cache, backward) in zip(reversed(nodes), reversed(records)):
+            for i in walked:
+                node, (cache, backward) = graph.nodes[i], records[i]
                 dy_node = pending.pop(node.layer.name)
                 input_grads, layer_grads = backward(dy_node, cache)
                 grads.update(layer_grads)
@@ -733,15 +674,16 @@ class GradientEngine:
                         used += [earlier, g]
                 for array in used:                          # once every input has its gradient
                     spent(array)
-            return pending['input'].copy(), grads                      # not pool memory
+            return pending[wanted].copy(), grads                      # not pool memory
 
         results = self._each_share(run, len(shares))
         self._release()                            # the caches are spent
-        for node in nodes:
-            parts = [grads.get(node.layer.name, {}) for _, grads in results]     # a fused ReLU has none
+        for i in walked:
+            layer = graph.nodes[i].layer
+            parts = [grads.get(layer.name, {}) for _, grads in results]     # a fused ReLU has none
             for part in parts[1:]:                  # add the other shares' into the first's (fresh arrays)
                 for name, gradient in part.items():
                     parts[0][name] += gradient
-            node.layer.grads = parts[0]
+            layer.grads = parts[0]
         dxs = [dx for dx, _ in results]
         return dxs[0] if len(dxs) == 1 else np.concatenate(dxs)

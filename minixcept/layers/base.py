@@ -45,7 +45,13 @@ def _default_name(cls):
 
 class Layer:
     """Base class. Subclasses set ``weight_names`` and implement
-    ``build``, ``_forward`` and ``_backward``."""
+    ``build``, ``_forward`` and ``_backward``.
+
+    ``weights_version`` counts the changes to the weights (``set_weights``, an optimizer step,
+    moving statistics that moved): whoever keeps something computed from them, such as an
+    engine's folded kernels, compares it to know when to compute it again. Code that writes
+    into ``params`` directly calls ``weights_changed()``.
+    """
 
     weight_names = ()
 
@@ -57,6 +63,7 @@ class Layer:
         self.grads = {}             # filled by backward, same keys as params
         self.built = False
         self.input_shape = None
+        self.weights_version = 0
         self._cache = None
 
     # -- parameters ----------------------------------------------------------
@@ -66,6 +73,11 @@ class Layer:
 
     def _new_param(self, name, array):
         self.params[name] = backend.to_device(array, self.dtype)
+        self.weights_changed()
+
+    def weights_changed(self):
+        """Say that the weights changed (see ``weights_version``)."""
+        self.weights_version += 1
 
     def get_weights(self):
         """Weights as NumPy arrays, in Keras order."""
@@ -102,6 +114,7 @@ class Layer:
         self.dtype = np.dtype(dtype)
         for name, value in self.params.items():
             self.params[name] = value.astype(self.dtype)
+        self.weights_changed()
         return self
 
     # -- computation ---------------------------------------------------------
@@ -111,6 +124,18 @@ class Layer:
         y, cache = self._forward(x, training)
         self._cache = (cache,) if _grad_enabled else None       # wrapped: a cache may itself be None
         return y
+
+    def forward_step(self, x, training=False):
+        """The pure pair's forward, the cache handed back instead of kept: (y, cache).
+        For runners that keep caches of their own (one per share of a batch, in an engine)."""
+        if not self.built:
+            self.build(x.shape)
+        return self._forward(x, training)
+
+    def backward_step(self, dy, cache):
+        """The pure pair's backward on a cache from ``forward_step``: (dx, {weight name: gradient}).
+        Leaves ``grads`` alone: the runner files them."""
+        return self._backward(dy, cache)
 
     def backward(self, dy):
         """Gradient with respect to the input; fills ``self.grads``."""

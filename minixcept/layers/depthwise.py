@@ -16,6 +16,19 @@ under offset (p, q), so
 
 Both are written as a loop over the kh*kw offsets with strided slices (no
 scatter), so they are deterministic on NumPy and CuPy alike.
+
+Read the first line the other way round, from dx's side: with stride 1, input pixel
+(i, j) receives dy from the outputs (i - p, j - q), each weighted by kernel[p, q]. That
+is again a depthwise convolution, of dy with the kernel turned 180 degrees,
+
+    dx[n, i, j, c] = sum over p, q of dy_pad[n, i + p, j + q, c] * depthwise_kernel[kh-1-p, kw-1-q, c, 0]
+
+where dy_pad is dy padded by kh-1-top rows above and kh-1-bottom below (likewise for the
+columns), top and bottom being the forward pass's padding. So the input gradient costs what
+the forward pass costs, and the engines run both through the same tiled code. With stride
+s > 1 the outputs sit only at every s-th input position: the same rule holds for dy
+*dilated*, with s - 1 zeros put between neighbouring entries (the scatter of a
+"transposed" convolution with stride s), which is what the strided slices above do directly.
 """
 from ..backend import get_array_module
 from ..padding import as_pair, check_padding, crop_spatial, pad_spatial, window, window_geometry

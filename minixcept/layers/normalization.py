@@ -17,6 +17,26 @@ Backward, with m values per channel and inv_std = 1 / sqrt(var + epsilon):
     inference (statistics are constants):  dx = dy * gamma * inv_std
     training  (statistics depend on x):    dx = gamma * inv_std / m * (m * dy - dbeta - x_hat * dgamma)
 
+Where the training formula comes from, per channel: let g = dy * gamma, the gradient of
+x_hat. Moving x_k moves x_hat_k directly, and every x_hat_j through the mean and the
+variance: d mean / d x_k = 1 / m, d var / d x_k = 2 (x_k - mean) / m, and
+d inv_std / d var = -inv_std^3 / 2. Summing g_j times each path,
+
+    dx_k = inv_std * (g_k - mean(g) - x_hat_k * mean(g * x_hat))
+           direct     through the mean   through the variance
+
+and mean(g) = gamma * dbeta / m, mean(g * x_hat) = gamma * dgamma / m give the line above.
+
+At inference a batch-norm is a per-channel affine map, y = x * scale + shift with
+scale = gamma * inv_std and shift = beta - moving_mean * scale. After a convolution
+u = conv(x, K) + b, whose output channel c is column c of K, that map can be taken into
+the convolution itself (*folded*):
+
+    BN(conv(x, K) + b) = conv(x, K * scale) + (b - moving_mean) * scale + beta
+
+``fold_batch_norm`` computes the new kernel and bias; the engines run every inference
+batch-norm of Xception this way, at no cost of its own.
+
 The cache keeps only x, gamma, the mean and inv_std; x_hat is recomputed.
 """
 import numpy as np
@@ -67,6 +87,21 @@ def batch_norm_backward(dy, cache):
     return dx, dgamma, dbeta
 
 
+def fold_batch_norm(kernel, bias, gamma, beta, moving_mean, moving_variance, epsilon):
+    """A convolution followed by an inference batch-norm, as one convolution (module docstring).
+
+    kernel: (..., C_out), e.g. Conv2D (kh, kw, C_in, C_out), pointwise (1, 1, C_in, C_out), or
+    a (rows, C_out) matrix; bias: (C_out,) or None; the batch-norm's weights: (C_out,) each.
+    Returns (kernel * scale, (bias - moving_mean) * scale + beta).
+    """
+    xp = get_array_module(kernel)
+    scale = gamma / xp.sqrt(moving_variance + epsilon)           # (C_out,)
+    shift = beta - moving_mean * scale
+    if bias is not None:
+        shift = shift + bias * scale
+    return kernel * scale, shift
+
+
 class BatchNormalization(Layer):
     """Keras's BatchNormalization(axis=-1, momentum=0.99, epsilon=1e-3).
 
@@ -99,6 +134,7 @@ class BatchNormalization(Layer):
             y, mean, variance, cache = batch_norm_train_forward(x, p['gamma'], p['beta'], self.epsilon)
             p['moving_mean'] = p['moving_mean'] * self.momentum + mean * (1 - self.momentum)
             p['moving_variance'] = p['moving_variance'] * self.momentum + variance * (1 - self.momentum)
+            self.weights_changed()
             return y, cache
         return batch_norm_forward(x, p['gamma'], p['beta'], p['moving_mean'], p['moving_variance'],
                                   self.epsilon)
@@ -106,6 +142,12 @@ class BatchNormalization(Layer):
     def _backward(self, dy, cache):
         dx, dgamma, dbeta = batch_norm_backward(dy, cache)
         return dx, {'gamma': dgamma, 'beta': dbeta}
+
+    def fold_into(self, kernel, bias):
+        """``fold_batch_norm`` with this layer's moving statistics: (folded kernel, folded bias)."""
+        p = self.params
+        return fold_batch_norm(kernel, bias, p['gamma'], p['beta'], p['moving_mean'], p['moving_variance'],
+                               self.epsilon)
 
     # multiply_adds stays 0: at inference batch-norm folds into the preceding convolution,
     # and the usual 8.36 G figure for Xception counts convolutions and the classifier only.
