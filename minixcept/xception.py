@@ -36,16 +36,18 @@ def preprocess_input(images):
 
 class Xception(Model):
     """Xception(include_top=True, weights=None, input_shape=(299, 299, 3), pooling=None,
-    classes=1000, middle_blocks=8).
+    classes=1000, middle_blocks=8, middle_width=728).
 
     weights: None (random initialisation), 'imagenet' (fetched as the weights/ script
     does), or the path of a Keras HDF5 / .keras file.
     pooling (without the top): None (the 4-D block14 output), 'avg' or 'max'.
     middle_blocks: depth of the middle flow (8 in the paper).
+    middle_width: channels of the middle flow (728 in the paper; block 4 widens to it and
+    block 13 starts from it).
     """
 
     def __init__(self, include_top=True, weights=None, input_shape=(299, 299, 3), pooling=None,
-                 classes=1000, middle_blocks=8, name='xception'):
+                 classes=1000, middle_blocks=8, middle_width=728, name='xception'):
         input_shape = tuple(input_shape)
         if (len(input_shape) != 3 or input_shape[2] != 3
                 or input_shape[0] < MIN_SIDE or input_shape[1] < MIN_SIDE):
@@ -58,6 +60,7 @@ class Xception(Model):
         self.pooling = pooling
         self.classes = classes
         self.middle_blocks = middle_blocks
+        self.middle_width = middle_width
         self._residual_count = 0
         self._add_count = 0
 
@@ -125,7 +128,7 @@ class Xception(Model):
         x = self._conv_bn_relu(x, 64, 'block1_conv2')
         x = self._downsampling_block(x, 'block2', (128, 128), leading_relu=False)
         x = self._downsampling_block(x, 'block3', (256, 256))
-        return self._downsampling_block(x, 'block4', (728, 728))
+        return self._downsampling_block(x, 'block4', (self.middle_width,) * 2)
 
     def _middle_flow(self, x):
         for index in range(self.middle_blocks):
@@ -133,13 +136,13 @@ class Xception(Model):
             block_input = x
             for step in (1, 2, 3):
                 x = self._relu(x, f'{block}_sepconv{step}_act')
-                x = self._sepconv_bn(x, 728, f'{block}_sepconv{step}')
+                x = self._sepconv_bn(x, self.middle_width, f'{block}_sepconv{step}')
             x = self._add_residual(x, block_input)
         return x
 
     def _exit_flow(self, x):
         first = self.middle_blocks + 5          # block13 and block14 in the paper's network
-        x = self._downsampling_block(x, f'block{first}', (728, 1024))
+        x = self._downsampling_block(x, f'block{first}', (self.middle_width, 1024))
         x = self._sepconv_bn(x, 1536, f'block{first + 1}_sepconv1')
         x = self._relu(x, f'block{first + 1}_sepconv1_act')
         x = self._sepconv_bn(x, 2048, f'block{first + 1}_sepconv2')

@@ -11,9 +11,9 @@ Writes, beside this script (every number from Keras on the CPU):
                           maps at GRADCAM_LAYERS (GradientTape watching Keras's own tensor
                           for each), a slice of each activation gradient, a sample of the
                           plain input gradient and of the SmoothGrad average
-    explain_costs.npz     count_params() of Keras's own layers for the four ways of going
-                          from 16 to 32 channels with a 3x3 window (COST_CASE), and of the
-                          factorised depthwise variant
+    explain_costs.npz     count_params() and output shapes of Keras's own layers for the
+                          ways of going from 16 to 32 channels with a 3x3 window (COST_CASE),
+                          and count_params() of the network variants of separable_cost.py
 
 float64 for the same reason as make_network.py: the input gradient goes through every
 ReLU of the network, and in float32 a pre-activation within rounding of zero may fall on
@@ -39,6 +39,11 @@ GRADIENT_SAMPLE = np.s_[:, ::4, ::4, :]           # of an input gradient (2, 128
 CHANNEL_SAMPLE = np.s_[..., :32]                  # of an activation gradient
 
 COST_CASE = dict(c_in=16, c_out=32, kernel=3)
+COST_SIZE = 8                                     # M: the 1x1 layers must keep M x M
+# examples/separable_cost.py's network variants, without the top: keyword arguments of
+# make_network.keras_xception_blocks
+NETWORK_VARIANTS = {'built': {}, 'full': dict(separable=False), 'deeper': dict(middle_blocks=16),
+                    'wider': dict(middle_width=1024)}
 
 
 # -- shared with the live tests -------------------------------------------------------
@@ -125,13 +130,23 @@ def keras_cost_layers(c_in, c_out, kernel):
     }
 
 
-def keras_cost_counts(c_in, c_out, kernel, size=8):
-    """{row: total count_params()} of keras_cost_layers, each stack built on (size, size, c_in)."""
+def keras_cost_counts(c_in, c_out, kernel, size=COST_SIZE):
+    """{row: (total count_params(), output shape)} of keras_cost_layers, each stack built on
+    (size, size, c_in)."""
     import keras
     counts = {}
     for row, stack in keras_cost_layers(c_in, c_out, kernel).items():
         model = keras.Sequential([keras.Input((size, size, c_in))] + stack)
-        counts[row] = model.count_params()
+        counts[row] = (model.count_params(), tuple(model.compute_output_shape((1, size, size, c_in))[1:]))
+    return counts
+
+
+def keras_network_counts():
+    """{variant: count_params()} of NETWORK_VARIANTS, built by Keras without the top."""
+    counts = {}
+    for variant, changes in NETWORK_VARIANTS.items():
+        arguments = {'middle_blocks': 8, **changes}
+        counts[variant] = network.keras_xception_blocks((71, 71, 3), **arguments).count_params()
     return counts
 
 
@@ -153,12 +168,16 @@ def make_gradcam(out_dir):
 
 
 def make_costs(out_dir):
-    counts = keras_cost_counts(**COST_CASE)
-    np.savez_compressed(Path(out_dir) / 'explain_costs.npz', **counts)
+    arrays = {}
+    for row, (count, shape) in keras_cost_counts(**COST_CASE).items():
+        arrays[f'weights/{row}'], arrays[f'shape/{row}'] = count, np.array(shape)
+    for variant, count in keras_network_counts().items():
+        arrays[f'network/{variant}'] = count
+    np.savez_compressed(Path(out_dir) / 'explain_costs.npz', **arrays)
 
 
 def make(out_dir):
     if not network.NOTOP_WEIGHTS.exists():
         raise SystemExit(f'{network.NOTOP_WEIGHTS.name} is missing: run python weights/fetch.py first')
-    make_gradcam(out_dir)
     make_costs(out_dir)
+    make_gradcam(out_dir)

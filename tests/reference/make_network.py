@@ -134,17 +134,20 @@ def keras_xception(input_shape, weights_path=None, include_top=False, classes=10
     return model
 
 
-def keras_xception_blocks(input_shape, middle_blocks, include_top=False, classes=1000):
-    """Xception built layer by layer from Keras layers with a middle flow of any depth.
+def keras_xception_blocks(input_shape, middle_blocks, include_top=False, classes=1000, middle_width=728,
+                          separable=True):
+    """Xception built layer by layer from Keras layers with a middle flow of any depth and
+    width, and (separable=False) full convolutions in place of the separable ones.
 
     It follows keras.applications.Xception's graph (the tests check that it matches
-    that model at 8 blocks) so that Keras can count a deeper network's parameters.
+    that model at 8 blocks of 728) so that Keras can count a variant's parameters.
     """
     import keras
     from keras import layers
 
     def sepconv_bn(x, filters):
-        x = layers.SeparableConv2D(filters, 3, padding='same', use_bias=False)(x)
+        convolution = layers.SeparableConv2D if separable else layers.Conv2D
+        x = convolution(filters, 3, padding='same', use_bias=False)(x)
         return layers.BatchNormalization(epsilon=1e-3)(x)
 
     def downsampling(x, filters, leading_relu=True):
@@ -167,14 +170,14 @@ def keras_xception_blocks(input_shape, middle_blocks, include_top=False, classes
     x = layers.Activation('relu')(x)
     x = downsampling(x, (128, 128), leading_relu=False)
     x = downsampling(x, (256, 256))
-    x = downsampling(x, (728, 728))
+    x = downsampling(x, (middle_width, middle_width))
     for _ in range(middle_blocks):
         residual = x
         for _ in range(3):
             x = layers.Activation('relu')(x)
-            x = sepconv_bn(x, 728)
+            x = sepconv_bn(x, middle_width)
         x = layers.Add()([x, residual])
-    x = downsampling(x, (728, 1024))
+    x = downsampling(x, (middle_width, 1024))
     x = sepconv_bn(x, 1536)
     x = layers.Activation('relu')(x)
     x = sepconv_bn(x, 2048)
