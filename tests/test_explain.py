@@ -125,7 +125,7 @@ def test_gradient_at_a_fanned_out_tensor_is_the_sum_of_its_readers(rng):
 
     numeric = minixcept.gradcheck.numerical_gradient(score_from_stem, stem, np.ones(2))
     assert minixcept.gradcheck.rel_error(gradient, numeric) < 1e-8
-    # What stop_at returns is only the stem's input gradient, and one reader's share is not the total:
+    # One reader's share (through the ReLU) is not the total:
     _, _, left, through_left = explain.gradient_at(model, head, x, 'left', classes)
     assert minixcept.gradcheck.rel_error(through_left * (stem > 0), gradient) > 0.1
     np.testing.assert_array_equal(explain.grad_cam(model, head, x, 'stem', classes),

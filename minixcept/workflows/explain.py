@@ -19,16 +19,12 @@ it a lot. SmoothGrad (Smilkov et al., 2017) averages it over N copies of x with 
 noise of standard deviation ``noise * (max x - min x)`` added; what survives the average
 is what the score depends on robustly.
 
-Fan-out. A tensor read by two layers (a residual block's input feeds the block and the
-shortcut's add) gets a gradient from each reader, and ds/dA is their sum. The model's
-backward pass adds them up before it hands the total to the layer that made A: readers come
-after A in the graph, so walking it in reverse reaches every one of them first. That total
-is what ``backward(stop_at=name)`` hands the layer just before it returns the gradient of
-the layer's *input* - so ``gradient_at`` listens to what the layer is handed rather than
-reading any single reader's share.
+Fan-out. A tensor read by two layers (a middle-flow block's output feeds the next block's
+ReLU and its residual add) gets a gradient from each reader, and ds/dA is their sum; one
+reader's share alone would give a different, wrong map. ``Model.backward(stop_at=R)``
+returns the gradient of R's input once every reader of that tensor has added its share, so
+``gradient_at`` stops at a layer that reads A.
 """
-import contextlib
-
 import numpy as np
 
 from .. import backend
@@ -72,20 +68,16 @@ def _classes(class_index, logits):
 
 # -- the gradient at any named tensor -------------------------------------------------------
 
-@contextlib.contextmanager
-def _listening(layer, handed):
-    """While inside, ``layer.backward(dy)`` also appends dy (the gradient of its output) to ``handed``."""
-    original = layer.backward
-
-    def backward(dy):
-        handed.append(dy)
-        return original(dy)
-
-    layer.backward = backward            # an instance attribute hides the class's method
-    try:
-        yield
-    finally:
-        del layer.backward
+def _reader_of(model, name):
+    """The name of a layer whose (first) input is the tensor ``name``; None for the model's output."""
+    model.get_layer(name)                                   # KeyError naming the model if there is none
+    if name == model.layers[-1].name:
+        return None
+    for node in model.nodes:
+        if node.inputs[0] == name:
+            return node.layer.name
+    raise ValueError(f"model {model.name!r}: no layer reads {name!r} as its first input, so no "
+                     f"backward walk stops there (is it a layer of this model?)")
 
 
 def gradient_at(model, head, x, layer=None, class_index=None):
@@ -98,8 +90,9 @@ def gradient_at(model, head, x, layer=None, class_index=None):
         class, one int for all, or one per image.
     Returns (scores (N,), classes (N,), activation, gradient), the last two of that layer's
     output shape (x itself for layer=None), on the current backend. Batch-norm and
-    dropout run in inference mode.
+    dropout run in inference mode; the backward pass stops as soon as the gradient is whole.
     """
+    reader = None if layer is None else _reader_of(model, layer)
     if layer is None:
         features, activation = model.forward(x), x
     else:
@@ -109,12 +102,9 @@ def gradient_at(model, head, x, layer=None, class_index=None):
     classes = _classes(class_index, logits)
     scores, dlogits = class_scores(logits, classes)
     dfeatures = head.backward(dlogits)
-    if layer is None:
-        return scores, classes, activation, model.backward(dfeatures)
-    handed = []
-    with _listening(model.get_layer(layer), handed):
-        model.backward(dfeatures, stop_at=layer)      # nothing below the layer is computed
-    return scores, classes, activation, handed[0]
+    if layer is not None and reader is None:                 # the layer is the model's output
+        return scores, classes, activation, dfeatures
+    return scores, classes, activation, model.backward(dfeatures, stop_at=reader)
 
 
 # -- the two pictures ----------------------------------------------------------------------
