@@ -15,6 +15,7 @@ import pytest
 
 import minixcept
 from conftest import REFERENCE_DIR, relative_error
+from test_catdog import load_example
 from minixcept import layers as L
 from minixcept.engines.training import GradientEngine
 from minixcept.workflows import explain
@@ -137,3 +138,26 @@ def test_gradcam_names_a_layer_without_a_map():
     head = catdog_head()
     with pytest.raises(ValueError, match='global_average_pooling2d'):
         explain.grad_cam(model, head, np.zeros((1, 71, 71, 3), np.float32), 'global_average_pooling2d')
+
+
+# -- the example ---------------------------------------------------------------------------
+def test_catdog_explain_writes_one_picture_per_photo(catdog, tmp_path, capsys):
+    """The example end to end on a cat and a dog, fast: an untrained base at 71 px, a saved
+    head, 2 saliency samples; one line and one three-panel PNG per photo."""
+    from PIL import Image
+    bottleneck = load_example('catdog_bottleneck')
+    head = bottleneck.build_head(2048, 2)
+    bottleneck.save_head(head, ['cats', 'dogs'], 71, 'random-init-seed-0', tmp_path)
+    photos = [catdog / relative for relative in make_network.PHOTOS]
+    example = load_example('catdog_explain')
+    code = example.main([str(p) for p in photos] + ['--head', str(tmp_path / 'head.h5'), '--weights', 'random',
+                                                    '--samples', '2', '--layer', 'block4_pool',
+                                                    '--out', str(tmp_path / 'pictures'), '--panel', '64'])
+    assert code == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 2
+    for line, photo in zip(lines, photos):
+        path, class_name, probability, picture = line.split('\t')[:4]
+        assert path == str(photo) and class_name in ('cats', 'dogs') and 0.5 <= float(probability) <= 1
+        with Image.open(picture) as image:
+            assert image.size == (3 * 64, 64 + example.CAPTION_HEIGHT)
