@@ -149,7 +149,7 @@ def weights_checksum(path, memo_dir):
 
 def _features_digest(features):
     """sha256 of a features array's float32 bytes, stored beside them and checked on reading."""
-    return hashlib.sha256(np.ascontiguousarray(features, dtype=np.float32).tobytes()).hexdigest()
+    return hashlib.sha256(np.ascontiguousarray(features, dtype=np.float32)).hexdigest()   # no copy
 
 
 class _Damaged(ValueError):

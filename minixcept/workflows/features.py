@@ -14,6 +14,7 @@ Memory stays flat as the photo folder grows: one batch of photos is decoded at a
 the features are written into one (N, D) array allocated at the start (8 KiB a photo at
 D = 2048), never concatenated (benchmarks/extraction_memory.py measures it).
 """
+import functools
 import sys
 import time
 from pathlib import Path
@@ -112,23 +113,24 @@ def extract_features(model, folder, batch_size=32, cache_file=None, key=None, in
     """
     if (cache_file is None) != (key is None):
         raise ValueError('extract_features needs both cache_file and key, or neither')
+    compute = functools.partial(_extract, model, folder, batch_size=batch_size, interpolation=interpolation,
+                                label=label, show_progress=show_progress, on_batch=on_batch, log=log, fast=fast)
     if cache_file is None:
-        return _extract(model, folder, batch_size, interpolation, label, show_progress, on_batch, log, fast)
+        return compute(cache=None)
     cache = FeatureCache(cache_file, key, log)
     cached = cache.read(folder)
     if cached is None:
         with cache.locked():
             cached = cache.read(folder)          # finished by another process while we waited?
             if cached is None:
-                return _extract(model, folder, batch_size, interpolation, label, show_progress, on_batch,
-                                log, fast, cache)
+                return compute(cache=cache)
     log(f'{label or "features"}: {len(cached.files):,} photos read from the cache {cache_file}')
     return cached
 
 
-def _extract(model, folder, batch_size, interpolation, label, show_progress, on_batch, log, fast, cache=None):
-    """Run the photos through the model batch by batch, storing each batch in ``cache`` (held
-    locked by the caller) when there is one. Returns Features."""
+def _extract(model, folder, cache, *, batch_size, interpolation, label, show_progress, on_batch, log, fast):
+    """Run the photos through the model batch by batch, storing each batch in ``cache`` (a
+    FeatureCache the caller holds locked, or None). Returns Features."""
     image_size = model.input_shape[0]
     relative = lambda path: Path(path).relative_to(folder.root).as_posix()  # noqa: E731
     status, chunks = 'off', []
