@@ -82,7 +82,8 @@ def rng():
 
 
 def relative_error(ours, reference):
-    """max |a - b| / max |b|: the measure DESIGN.md sets for comparisons with TensorFlow."""
+    """max |a - b| / max |b|: one scale-free number for a comparison with TensorFlow, set against
+    the largest reference value so that tiny entries near zero do not dominate."""
     ours, reference = minixcept.asnumpy(ours).astype(np.float64), np.asarray(reference, np.float64)
     assert ours.shape == reference.shape, f"shape {ours.shape} != reference {reference.shape}"
     return float(np.abs(ours - reference).max() / np.abs(reference).max())

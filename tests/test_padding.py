@@ -18,7 +18,8 @@ STRIDES = [1, 2, 3]
 
 
 def test_xception_stride2_padding_at_299():
-    """Pitfall 1 of the design: TensorFlow pads the larger half after, so block3_pool pads (0, 1)."""
+    """TensorFlow pads the larger half after (minixcept/padding.py says why it matters), so
+    block3_pool, the one odd-sized stride-2 'same' window of Xception at 299, pads (0, 1)."""
     size = output_length(299, 3, 2, 'valid')              # block1_conv1
     size = output_length(size, 3, 1, 'valid')             # block1_conv2
     assert size == 147

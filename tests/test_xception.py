@@ -15,7 +15,7 @@ from conftest import REFERENCE_DIR, relative_error
 sys.path.insert(0, str(REFERENCE_DIR))
 import make_network as reference  # noqa: E402  (no TensorFlow at import: constants and photo loading)
 
-# DESIGN.md: whole network, real weights, float32, every named layer.
+# The bar for the whole network with real weights in float32, at every named layer (README, "How it is checked").
 WHOLE_NETWORK_TOLERANCE = 1e-4
 # Whole-network gradients are compared in float64 (make_network.py says why not float32):
 # there the two implementations agree to about 4e-14, so anything above 1e-10 is a bug.

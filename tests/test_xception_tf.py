@@ -1,7 +1,7 @@
 """Xception against Keras, live: the real ImageNet weights at every named layer, the whole
 backward pass against GradientTape, the parameter and multiply-add counts.
 
-Forward runs in float32 against DESIGN.md's bar for the whole network with real weights:
+Forward runs in float32 against the project's bar for the whole network with real weights:
 max |a - b| / max |b| <= 1e-4 at every one of the 131 named layers, for the official file
 and for the same weights written by Keras 3. The backward pass is compared in float64
 (tests/reference/make_network.py explains why float32 cannot be compared reliably through
