@@ -10,6 +10,12 @@ the central difference of the scalar <f(a), dout>:
 in float64, where the difference is accurate to about eps^2. A correct backward
 pass gives a relative error around 1e-9; anything above 1e-6 is a bug.
 
+Why float64 and eps = 1e-6: the central difference errs by about eps^2 (the Taylor terms
+it drops) plus u / eps (rounding of f, u the unit roundoff, relative to f's size). In
+float64, u = 1.1e-16: eps = 1e-6 gives about 1e-12 + 1e-10, far below the 1e-6 bar.
+In float32, u = 6e-8: the best eps (about 4e-3) still leaves about 1e-5, so a wrong
+gradient off by less than that could not be told from rounding.
+
     >>> from minixcept import layers, gradcheck
     >>> errors = gradcheck.check_layer(layers.DepthwiseConv2D(3, padding='same'), x)
     >>> errors    # {'input': 3e-10, 'depthwise_kernel': 2e-10, 'bias': 1e-10}

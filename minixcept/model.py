@@ -5,6 +5,12 @@ tensors it reads (``'input'`` or an earlier layer's name), and its output is
 stored under its own name. The backward pass walks the nodes in reverse; where a
 tensor was read by two nodes (a residual block's input), the two gradients that
 come back to it are added.
+
+Why added: the loss depends on such a tensor along two paths, so a small change of it
+changes the loss along both, and the multivariable chain rule sums the two partial
+derivatives. Every reader of a tensor comes after it in the list, so by the time the
+reverse walk reaches the layer that made the tensor, every share is in. Keeping only one
+share gives no error and a gradient of the right shape - the wrong one.
 """
 from dataclasses import dataclass
 

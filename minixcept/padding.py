@@ -8,6 +8,14 @@ output is and how many rows and columns to pad on each side.
          with total // 2 before and the rest *after*. At stride 2 the total can be
          odd, so TensorFlow pads one more row at the bottom and one more column on
          the right than at the top and left (e.g. block3_pool at 299 px pads (0, 1)).
+
+Why it matters which side gets the extra row: output i reads the window starting at input
+row i * s - before. The ImageNet weights were learned with TensorFlow's windows; pad the
+extra row before instead and every window of that layer starts one pixel higher (and one
+to the left). The output has the same shape, nothing fails, and every number from there on
+differs from Keras's. tests/test_padding.py has TensorFlow itself fix the convention.
+'valid' keeps only the windows that fit, so the last rows of the input may be read by no
+window (their gradient is zero).
 """
 
 

@@ -2,6 +2,12 @@
 
 ReLU never works in place: in Xception's blocks 3-13 the residual branch reads the
 *pre*-ReLU tensor, so overwriting it would silently change the shortcut.
+
+ReLU's gradient is dx = dy * (x > 0): 1 where the input was positive, 0 elsewhere, and
+0 at exactly x = 0, where the derivative does not exist and TensorFlow takes 0 too. That
+kink is why float32 comparisons through many ReLUs can disagree: a value within rounding
+of zero may land on either side in two correct implementations, switching a whole path on
+or off; whole-network gradients are therefore compared in float64.
 """
 from ..backend import get_array_module
 from .base import Layer

@@ -6,6 +6,20 @@ The sum over the kernel offsets (p, q) is written as a loop: for each offset we
 take the strided view of the input that this offset sees at every output pixel
 and multiply it, as one matrix product, by the (C_in, C_out) slice of the kernel.
 No im2col buffer is built, and the backward pass is the same loop run in reverse.
+
+The gradients come from the same sum. kernel[p, q, c, o] appears once for every output
+pixel (n, i, j) of channel o, multiplied by the input under offset (p, q); the input
+x_pad[n, i*sh + p, j*sw + q, c] appears once for every offset (p, q) that reaches it and
+every output channel o. The chain rule sums dy over exactly those terms:
+
+    dkernel[p, q, c, o]               = sum over n, i, j of x_pad[n, i*sh + p, j*sw + q, c] * dy[n, i, j, o]
+    dx_pad[n, i*sh + p, j*sw + q, c] += sum over o of dy[n, i, j, o] * kernel[p, q, c, o]
+    dbias[o]                          = sum over n, i, j of dy[n, i, j, o]
+
+and dx is dx_pad with the padding cropped off (the pads are constants). At stride 2 the
+window starts i*2 skip every other input row: the strided view for offset p reads, and in
+backward writes, only the rows that offset touched, and an input row no window reached
+(the last one of an even-sized 'valid' input) gets gradient 0, as it must.
 """
 from ..backend import get_array_module
 from ..padding import as_pair, check_padding, crop_spatial, pad_spatial, window, window_geometry

@@ -3,6 +3,10 @@
 Dense:    y = activation(x @ kernel + bias)       x: (N, in), kernel: (in, out), bias: (out,)
 backward: dz = activation'(dy);  dkernel = x.T @ dz;  dbias = sum over N of dz;  dx = dz @ kernel.T
 
+From z[n, o] = sum over i of x[n, i] kernel[i, o] + bias[o]: kernel[i, o] meets x[n, i] in
+every example n (hence x.T @ dz, a sum over the batch), x[n, i] meets kernel[i, o] for
+every output o (hence dz @ kernel.T), and the bias is added once per example.
+
 Dropout (training only): each value is kept with probability 1 - rate and the
 kept ones are scaled by 1 / (1 - rate) ("inverted dropout"), so nothing needs
 rescaling at inference; the backward pass applies the same mask and scale.

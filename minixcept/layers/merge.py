@@ -4,6 +4,11 @@ y = a + b. In the backward pass the gradient fans out unchanged to both inputs:
 da = db = dy. Where one tensor feeds two branches (Xception's block input feeds
 both the separable convolutions and the shortcut), the gradients arriving from
 the two branches are *added*; the model does that sum, this layer only splits.
+
+Why both: y = a + b gives dy/da = dy/db = 1, so each input gets dy whole; and a loss that
+depends on a tensor through two paths changes with it along both, so its derivative is
+the sum of the two (the multivariable chain rule). Keeping only one branch's gradient
+gives an array of the right shape and no error - and a wrong gradient.
 """
 from .base import Layer
 

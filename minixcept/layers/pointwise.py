@@ -8,6 +8,11 @@ single matrix product:
 
     forward:   Y  = X @ K              X: (N*H*W, C_in), K: (C_in, C_out)
     backward:  dX = dY @ K.T           dK = X.T @ dY
+
+Why those two: Y[r, o] = sum over c of X[r, c] K[c, o], so dY[r, o] reaches K[c, o] times
+X[r, c], summed over every row r (every pixel of every image): X.T @ dY; and reaches
+X[r, c] times K[c, o], summed over the outputs o: dY @ K.T. A 1x1 window has no
+neighbours and needs no padding: an M x M input stays M x M, only the channels change.
 """
 import numpy as np
 

@@ -2,9 +2,14 @@
 
 MaxPooling2D pads with -inf, never with zeros: a zero pad would win the max
 wherever every real value in the window is negative, which Xception's
-pre-activation tensors often are. The gradient of a max goes only to the input
-that won it; where several tie, to the first in the window (row-major), as
-TensorFlow's MaxPoolGrad does. We record the winning offset k = p * kw + q per
+pre-activation tensors often are - the output would silently hold zeros Keras does not
+have, and the gradient would go to the pad and be cropped away. The gradient of a max
+goes only to the input that won it (the others could move a little without changing
+y); where several tie, to the first in the window (row-major), as TensorFlow's
+MaxPoolGrad does. At a tie the max has no derivative and any split of dy among the tied
+inputs is a valid choice; one winner keeps the total equal to dy (handing dy to every tied
+input would multiply it), and the same winner as TensorFlow makes the gradients
+comparable to the last bit. We record the winning offset k = p * kw + q per
 output value in the forward pass, and the backward pass is a loop over the
 offsets with strided slices, like the convolutions:
 
