@@ -12,6 +12,7 @@ derivatives. Every reader of a tensor comes after it in the list, so by the time
 reverse walk reaches the layer that made the tensor, every share is in. Keeping only one
 share gives no error and a gradient of the right shape - the wrong one.
 """
+import difflib
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,7 +33,7 @@ class Model:
 
     def __init__(self, input_shape, name='model'):
         self.name = name
-        self.input_shape = tuple(input_shape)        # one example: (H, W, C) or (features,)
+        self.input_shape = tuple(input_shape)        # one example: (H, W, C) or (features,); None: any size
         self.nodes = []
         self._shapes = {'input': (None,) + self.input_shape}
 
@@ -57,24 +58,31 @@ class Model:
         return [node.layer for node in self.nodes]
 
     def get_layer(self, name):
-        for node in self.nodes:
-            if node.layer.name == name:
-                return node.layer
-        raise KeyError(f"model {self.name!r} has no layer named {name!r}")
+        """The layer called ``name``; a KeyError lists the closest names when there is none."""
+        return self.nodes[self._position(name)].layer
 
-    def count_params(self):
-        return sum(layer.count_params() for layer in self.layers)
+    def count_params(self, trainable=None):
+        """Number of weights: all of them, or with ``trainable=True`` / ``False`` those an
+        optimizer trains / the rest (batch-norm's moving statistics, every weight of a frozen
+        layer), as Keras's summary splits them."""
+        return sum(layer.count_params(trainable) for layer in self.layers)
 
     def output_shape(self, name=None):
         return self._shapes[name or self.nodes[-1].layer.name]
 
     # -- computation -----------------------------------------------------------
     def check_input(self, x, start_after=None):
+        """Raise ShapeError unless ``x`` has the shape the model (or the stretch after
+        ``start_after``) takes: a batch axis, then the input shape, None matching any size."""
+        self.check_input_shape(tuple(x.shape), start_after)
+
+    def check_input_shape(self, shape, start_after=None):
         expected = self.input_shape if start_after is None else self._shapes[start_after][1:]
-        if x.ndim != len(expected) + 1 or tuple(x.shape[1:]) != tuple(expected):
+        if len(shape) != len(expected) + 1 or any(
+                size is not None and size != got for size, got in zip(expected, shape[1:])):
             what = 'input' if start_after is None else f'input after layer {start_after!r}'
-            raise ShapeError(f"model {self.name!r} expects {what} of shape (N, {', '.join(map(str, expected))}), "
-                             f"got {tuple(x.shape)}")
+            raise ShapeError(f"model {self.name!r} expects {what} of shape {_batch_shape(expected)}, "
+                             f"got {tuple(shape)}")
 
     def forward(self, x, training=False, capture=None, start_after=None, stop_after=None):
         """Run every layer. With ``capture`` (a list of layer names, or 'all'), also return
@@ -173,7 +181,36 @@ class Model:
 
     # -- weights ---------------------------------------------------------------
     def get_weights(self):
+        """Every layer's weights in Keras order, one list (as keras.Model.get_weights)."""
         return [w for layer in self.layers for w in layer.get_weights()]
+
+    def set_weights(self, weights):
+        """Set every layer's weights from one list in Keras order (what ``get_weights`` gives).
+
+        Everything is checked before anything is set, so a mismatch leaves the model as it
+        was: the number of arrays (ShapeError), each array's shape (ShapeError naming the
+        layer and the weight) and its type (TypeError unless it holds real numbers, which are
+        cast to the layer's dtype as Keras casts them).
+        """
+        weights = list(weights)
+        slots = [(layer, name) for layer in self.layers for name in layer.weight_names]
+        if len(weights) != len(slots):
+            carrying = sum(1 for layer in self.layers if layer.weight_names)
+            raise ShapeError(f"model {self.name!r} has {len(slots)} weights in {carrying} layers, "
+                             f"got a list of {len(weights)}")
+        by_layer = {}
+        for index, ((layer, name), value) in enumerate(zip(slots, weights)):
+            value = backend.asnumpy(value) if hasattr(value, 'shape') else np.asarray(value)
+            where = f"weight {index} ({layer.name!r} {name!r})"
+            if value.dtype.kind not in 'biuf':          # bool, integers and floats cast; nothing else does
+                raise TypeError(f"model {self.name!r}: {where} must hold real numbers, got dtype {value.dtype}")
+            expected = tuple(layer.params[name].shape)
+            if tuple(value.shape) != expected:
+                raise ShapeError(f"model {self.name!r}: {where} expects shape {expected}, got {tuple(value.shape)}")
+            by_layer.setdefault(layer.name, []).append(value)
+        for layer in self.layers:
+            if layer.weight_names:
+                layer.set_weights(by_layer[layer.name])
 
     # -- description -----------------------------------------------------------
     def _names(self):
@@ -183,7 +220,12 @@ class Model:
         for position, node in enumerate(self.nodes):
             if node.layer.name == name:
                 return position
-        raise KeyError(f"model {self.name!r} has no layer named {name!r}")
+        raise KeyError(f"model {self.name!r} has no layer named {name!r}{self._closest(name)}")
+
+    def _closest(self, name):
+        """'; the closest are ...': the layer names nearest a mistyped one, or ''."""
+        close = difflib.get_close_matches(str(name), self._names(), n=3)
+        return f"; the closest are {', '.join(map(repr, close))}" if close else ''
 
     def stretch(self, start_after=None, stop_after=None):
         """Positions (first, last) of the nodes that run after layer ``start_after`` up to layer
@@ -237,19 +279,61 @@ class Model:
         tensor = self.nodes[position].inputs[0]
         return self.readers(first, last)[tensor][0], tensor
 
-    def multiply_adds(self):
-        """Multiply-adds for one example."""
-        return sum(node.layer.multiply_adds(self._shapes[node.inputs[0]]) for node in self.nodes)
+    def shapes_at(self, input_size=None):
+        """{tensor name: shape with a batch axis} for inputs of ``input_size``, or as built
+        (None where the model takes any size) when it is None.
 
-    def summary(self, print_fn=print):
-        """Print each layer's name, type, output shape, parameters and multiply-adds, with totals."""
-        rows = [('Layer (type)', 'Output shape', 'Params', 'Mult-adds')]
+        input_size: the free sizes of the input - one number for all of them (224) or one
+        each ((180, 240)) - or the whole input shape ((180, 240, 3)).
+        """
+        if input_size is None:
+            return dict(self._shapes)
+        shape = self._input_shape_at(input_size)
+        self.check_input_shape((None,) + shape)
+        shapes = {'input': (None,) + shape}
+        for node in self.nodes:
+            shapes[node.layer.name] = node.layer.compute_output_shape(shapes[node.inputs[0]])
+        return shapes
+
+    def _input_shape_at(self, input_size):
+        free = [axis for axis, size in enumerate(self.input_shape) if size is None]
+        sizes = (input_size,) * len(free) if np.isscalar(input_size) else tuple(input_size)
+        if len(sizes) == len(self.input_shape):
+            return tuple(int(s) for s in sizes)
+        if len(sizes) != len(free):
+            raise ShapeError(f"model {self.name!r} takes inputs of shape {_batch_shape(self.input_shape)}: "
+                             f"input_size={input_size!r} gives neither its {len(free)} free sizes nor the whole shape")
+        shape = list(self.input_shape)
+        for axis, size in zip(free, sizes):
+            shape[axis] = int(size)
+        return tuple(shape)
+
+    def multiply_adds(self, input_size=None):
+        """Multiply-adds for one example (at ``input_size`` if the model takes any size; see shapes_at)."""
+        shapes = self.shapes_at(input_size)
+        if None in shapes['input'][1:]:
+            raise ShapeError(f"model {self.name!r} takes inputs of shape {_batch_shape(self.input_shape)}: "
+                             f"its multiply-adds depend on the size, pass input_size=")
+        return sum(node.layer.multiply_adds(shapes[node.inputs[0]]) for node in self.nodes)
+
+    def summary(self, print_fn=print, input_size=None):
+        """Print each layer's name, type, output shape, parameters and multiply-adds, with the
+        totals and the trainable / non-trainable split (as Keras's summary).
+
+        Where the model takes any input size, the shapes show None for the free sizes and the
+        multiply-adds are left out, unless ``input_size`` gives a size (see shapes_at).
+        """
+        shapes = self.shapes_at(input_size)
+        sized = None not in shapes['input'][1:]
+        rows = [('Layer (type)', 'Output shape', 'Params') + (('Mult-adds',) if sized else ())]
         for node in self.nodes:
             layer = node.layer
-            shape = '(None, ' + ', '.join(map(str, self._shapes[layer.name][1:])) + ')'
-            rows.append((f'{layer.name} ({type(layer).__name__})', shape, f'{layer.count_params():,}',
-                         f'{layer.multiply_adds(self._shapes[node.inputs[0]]):,}'))
-        widths = [max(len(row[i]) for row in rows) for i in range(4)]
+            row = (f'{layer.name} ({type(layer).__name__})', _batch_shape(shapes[layer.name][1:], 'None'),
+                   f'{layer.count_params():,}')
+            if sized:
+                row += (f'{layer.multiply_adds(shapes[node.inputs[0]]):,}',)
+            rows.append(row)
+        widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
         line = lambda row: '  '.join(  # noqa: E731
             cell.ljust(w) if i < 2 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
         rule = '-' * len(line(rows[0]))
@@ -260,9 +344,19 @@ class Model:
         for row in rows[1:]:
             print_fn(line(row))
         print_fn(rule)
-        trainable = sum(layer.count_params() for layer in self.layers if layer.trainable)
-        print_fn(f'Total params: {self.count_params():,}  (trainable: {trainable:,})')
-        print_fn(f'Total mult-adds per example: {self.multiply_adds():,}')
+        print_fn(f'Total params: {self.count_params():,}')
+        print_fn(f'Trainable params: {self.count_params(trainable=True):,}')
+        print_fn(f'Non-trainable params: {self.count_params(trainable=False):,}')
+        if sized:
+            at = '' if input_size is None else f" for input shape {shapes['input'][1:]}"
+            print_fn(f'Total mult-adds per example{at}: {self.multiply_adds(input_size):,}')
+        else:
+            print_fn('Mult-adds depend on the input size: summary(input_size=...) gives them')
+
+
+def _batch_shape(shape, batch='N'):
+    """'(N, 299, 299, 3)' or '(N, None, None, 3)': a shape with its batch axis, as messages print it."""
+    return f"({', '.join(map(str, (batch,) + tuple(shape)))})"
 
 
 def imagenet_weights(include_top):

@@ -37,7 +37,9 @@ def check_padding(padding):
 
 
 def output_length(size, kernel, stride, padding):
-    """Length of the output along one spatial axis."""
+    """Length of the output along one spatial axis (None for an axis of any size)."""
+    if size is None:
+        return None
     if padding == 'same':
         return -(-size // stride)          # ceil(size / stride)
     return (size - kernel) // stride + 1
@@ -56,16 +58,18 @@ def window_geometry(input_hw, kernel_size, strides, padding):
     """Everything a windowed layer needs about its spatial arithmetic.
 
     Returns ``(out_h, out_w), ((top, bottom), (left, right))``.
-    Raises ValueError if a 'valid' window does not fit in the input.
+    Raises ValueError if a 'valid' window does not fit in the input. A side of None (a
+    model built for any input size) gives an output side and padding of None.
     """
     (h, w), (kh, kw), (sh, sw) = input_hw, kernel_size, strides
     out_h = output_length(h, kh, sh, padding)
     out_w = output_length(w, kw, sw, padding)
-    if out_h < 1 or out_w < 1:
+    if any(out is not None and out < 1 for out in (out_h, out_w)):
         raise ValueError(
             f"a {kh}x{kw} window with strides {strides} and padding {padding!r} "
             f"does not fit an input of {h}x{w}")
-    pads = (pad_before_after(h, kh, sh, padding), pad_before_after(w, kw, sw, padding))
+    pads = tuple(None if size is None else pad_before_after(size, k, stride, padding)
+                 for size, k, stride in ((h, kh, sh), (w, kw, sw)))
     return (out_h, out_w), pads
 
 

@@ -24,6 +24,7 @@ from .layers import (Activation, Add, BatchNormalization, Conv2D, Dense, GlobalA
 from .model import Model, imagenet_weights
 
 MIN_SIDE = 71          # the smallest input the four stride-2 stages reduce to at least 3x3
+DEFAULT_SIDE = 299     # the ImageNet training size
 
 
 def preprocess_input(images):
@@ -34,27 +35,52 @@ def preprocess_input(images):
     return np.asarray(images, dtype=np.float32) / np.float32(127.5) - np.float32(1.0)
 
 
+def xception_input_shape(input_shape, include_top, weights):
+    """The input shape Xception is built for, decided as keras.applications.Xception decides it.
+
+    Left out (None): (299, 299, 3) with the top, (None, None, 3) - any size - without it.
+    Given: (height, width, 3) with each side >= 71 or None; the top needs both sides fixed,
+    and with the ImageNet weights exactly 299 x 299 (its Dense layer was trained on that).
+    Raises ShapeError naming the shape otherwise.
+    """
+    if input_shape is None:
+        return (DEFAULT_SIDE, DEFAULT_SIDE, 3) if include_top else (None, None, 3)
+    input_shape = tuple(input_shape)
+    if (len(input_shape) != 3 or input_shape[2] != 3
+            or any(side is not None and side < MIN_SIDE for side in input_shape[:2])):
+        raise ShapeError(f"Xception takes inputs of shape (height, width, 3) with both sides "
+                         f">= {MIN_SIDE} (or None for any), got input_shape={input_shape}")
+    if include_top and None in input_shape:
+        raise ShapeError(f"Xception with include_top=True needs a fixed input size, got input_shape={input_shape}")
+    if include_top and weights == 'imagenet' and input_shape != (DEFAULT_SIDE, DEFAULT_SIDE, 3):
+        raise ShapeError(f"Xception with include_top=True and the ImageNet weights takes input_shape="
+                         f"{(DEFAULT_SIDE, DEFAULT_SIDE, 3)}, got input_shape={input_shape}")
+    return input_shape
+
+
 class Xception(Model):
-    """Xception(include_top=True, weights=None, input_shape=(299, 299, 3), pooling=None,
-    classes=1000, middle_blocks=8, middle_width=728).
+    """Xception(include_top=True, weights=None, input_shape=None, pooling=None, classes=1000,
+    middle_blocks=8, middle_width=728).
 
     weights: None (random initialisation), 'imagenet' (fetched as the weights/ script
     does), or the path of a Keras HDF5 / .keras file.
+    input_shape: (height, width, 3), each side >= 71 or None for any size, as in Keras:
+    left out, it is (299, 299, 3) with the top and (None, None, 3) without it; the top
+    needs fixed sides, 299 x 299 with the ImageNet weights. A side left free is checked
+    when the model is called.
     pooling (without the top): None (the 4-D block14 output), 'avg' or 'max'.
     middle_blocks: depth of the middle flow (8 in the paper).
     middle_width: channels of the middle flow (728 in the paper; block 4 widens to it and
     block 13 starts from it).
     """
 
-    def __init__(self, include_top=True, weights=None, input_shape=(299, 299, 3), pooling=None,
+    def __init__(self, include_top=True, weights=None, input_shape=None, pooling=None,
                  classes=1000, middle_blocks=8, middle_width=728, name='xception'):
-        input_shape = tuple(input_shape)
-        if (len(input_shape) != 3 or input_shape[2] != 3
-                or input_shape[0] < MIN_SIDE or input_shape[1] < MIN_SIDE):
-            raise ShapeError(f"Xception takes inputs of shape (height, width, 3) with both sides "
-                             f">= {MIN_SIDE}, got input_shape={input_shape}")
+        input_shape = xception_input_shape(input_shape, include_top, weights)
         if pooling not in (None, 'avg', 'max'):
             raise ValueError(f"pooling must be None, 'avg' or 'max', got {pooling!r}")
+        if weights == 'imagenet' and include_top and classes != 1000:
+            raise ValueError(f"the ImageNet weights with the top classify into 1000 classes, got classes={classes}")
         super().__init__(input_shape, name=name)
         self.include_top = include_top
         self.pooling = pooling
@@ -79,6 +105,13 @@ class Xception(Model):
             self.load_weights(imagenet_weights(include_top))
         elif weights is not None:
             self.load_weights(weights)
+
+    def check_input_shape(self, shape, start_after=None):
+        """Model's check, and on a model built for any size also the smallest side, 71."""
+        super().check_input_shape(shape, start_after)
+        if start_after is None and min(shape[1:3]) < MIN_SIDE:
+            raise ShapeError(f"model {self.name!r} expects input of shape (N, {', '.join(map(str, self.input_shape))}) "
+                             f"with height and width >= {MIN_SIDE}, got {tuple(shape)}")
 
     # -- pieces named as Keras names them ---------------------------------------
     def _conv_bn_relu(self, x, filters, name, strides=1):

@@ -13,6 +13,7 @@ import minixcept
 from conftest import REFERENCE_DIR, relative_error
 
 sys.path.insert(0, str(REFERENCE_DIR))
+import make_any_size as any_size  # noqa: E402
 import make_network as reference  # noqa: E402  (no TensorFlow at import: constants and photo loading)
 
 # The bar for the whole network with real weights in float32, at every named layer (README, "How it is checked").
@@ -47,17 +48,15 @@ def stored(name):
 
 
 # -- the real weights against stored Keras results -----------------------------------
-@pytest.mark.slow
-def test_every_layer_matches_stored_keras_activations(xp, notop_weights):
-    """A cat photo at 299 px: every one of the 131 named layers, by the statistics and the
-    corner slice Keras stored, and the 2048 average-pooled features in full.
+def assert_matches_forward_summary(model, expected, what):
+    """Every one of the 131 named layers of ``model`` on the fixture's photo against the
+    statistics and corner slice Keras stored (make_network.forward_summary), and the 2048
+    average-pooled features in full.
 
     |mean(a) - mean(b)|, |std(a) - std(b)|, |max|a| - max|b|| and the corner's largest
     difference are each at most max |a - b|, so each must be within 1e-4 * max |b|.
     """
-    expected = stored('forward')
-    model = minixcept.Xception(include_top=False, weights=notop_weights, input_shape=FULL_SHAPE)
-    x = xp.asarray(minixcept.preprocess_input(expected['image']))
+    x = minixcept.backend.to_device(minixcept.preprocess_input(expected['image']))
     with minixcept.no_grad():
         _, activations = model.forward(x, capture='all')
     assert list(activations) == list(expected['names'])
@@ -72,7 +71,27 @@ def test_every_layer_matches_stored_keras_activations(xp, notop_weights):
         errors[name] = max(differences) / expected['max_abs'][i]
     pooled = activations['block14_sepconv2_act'].mean(axis=(1, 2))[0]
     errors['pooled features (2048)'] = relative_error(pooled, expected['pooled'])
-    assert_within(errors, f"forward vs stored Keras ({expected['photo']})")
+    assert_within(errors, what)
+
+
+@pytest.mark.slow
+def test_every_layer_matches_stored_keras_activations(xp, notop_weights):
+    """A cat photo at 299 px through the model built for 299 x 299."""
+    expected = stored('forward')
+    model = minixcept.Xception(include_top=False, weights=notop_weights, input_shape=FULL_SHAPE)
+    assert_matches_forward_summary(model, expected, f"forward vs stored Keras ({expected['photo']})")
+
+
+@pytest.mark.parametrize('height, width', any_size.SIZES)
+def test_any_size_model_matches_stored_keras(xp, notop_weights, height, width):
+    """The model built for any size (input_shape=None, as Keras's default without the top)
+    on a photo at 224 x 224 and at 180 x 240, against Keras's model built the same way."""
+    with np.load(REFERENCE_DIR / any_size.forward_fixture(height, width)) as arrays:
+        expected = dict(arrays)
+    assert expected['image'].shape == (1, height, width, 3)
+    model = minixcept.Xception(include_top=False, weights=notop_weights)
+    assert model.input_shape == (None, None, 3)
+    assert_matches_forward_summary(model, expected, f"any size, {height} x {width} vs stored Keras")
 
 
 @pytest.mark.parametrize('training', [False, True], ids=['bn_inference', 'bn_training'])
@@ -143,6 +162,71 @@ def test_summary_lists_every_layer_and_the_totals():
     assert f"{int(counts['multiply_adds_top']):,}" in lines[-1]
 
 
+def any_size_counts():
+    with np.load(REFERENCE_DIR / 'any_size_counts.npz') as arrays:
+        return {key: arrays[key] for key in arrays}
+
+
+@pytest.mark.parametrize('include_top, frozen, key', [
+    (False, False, 'notop'), (True, False, 'top'), (False, True, 'notop_frozen_before_block14')])
+def test_trainable_split_matches_keras(include_top, frozen, key):
+    """Trainable / non-trainable counts as Keras's summary gives them: batch-norm's moving
+    statistics are never trained, and a frozen layer trains nothing."""
+    counts = any_size_counts()
+    model = minixcept.Xception(include_top=include_top, middle_blocks=8)
+    if frozen:
+        for layer in model.layers[:model.layers.index(model.get_layer(any_size.FROZEN_BEFORE))]:
+            layer.trainable = False
+    split = (model.count_params(trainable=True), model.count_params(trainable=False))
+    assert split == (counts[f'trainable_{key}'], counts[f'non_trainable_{key}'])
+    assert sum(split) == model.count_params()
+    lines = []
+    model.summary(print_fn=lines.append)
+    assert f'Trainable params: {split[0]:,}' in lines and f'Non-trainable params: {split[1]:,}' in lines
+
+
+def test_notop_split_is_the_published_one():
+    """The stored Keras split is the one the issue quotes from Keras's summary."""
+    counts = any_size_counts()
+    assert (counts['trainable_notop'], counts['non_trainable_notop']) == (20_806_952, 54_528)
+
+
+def test_default_input_shapes_are_keras_defaults():
+    """input_shape left out: (None, None, 3) without the top, (299, 299, 3) with it, as Keras decides."""
+    counts = any_size_counts()
+    notop, top = minixcept.Xception(include_top=False), minixcept.Xception(include_top=True)
+    assert [str(side) for side in notop.input_shape] == list(counts['notop_input_shape'])
+    assert top.input_shape == tuple(counts['top_input_shape'])
+    assert minixcept.Xception(include_top=False, input_shape=(None, None, 3)).input_shape == (None, None, 3)
+    assert notop.output_shape() == (None, None, None, 2048)
+    assert notop.output_shape('block1_conv1') == (None, None, None, 32)
+    assert minixcept.Xception(include_top=False, input_shape=(None, 150, 3)).output_shape() == (None, None, 5, 2048)
+
+
+def test_summary_of_the_any_size_model():
+    """None for the free sizes; multiply-adds only for a size passed in, equal to Keras's there."""
+    counts = any_size_counts()
+    model = minixcept.Xception(include_top=False)
+    lines = []
+    model.summary(print_fn=lines.append)
+    text = '\n'.join(lines)
+    assert '(None, None, None, 2048)' in text and 'Mult-adds' not in lines[2]
+    assert 'input_size' in lines[-1]
+    with pytest.raises(minixcept.ShapeError, match='input_size'):
+        model.multiply_adds()
+
+    expected = int(counts['multiply_adds_notop_180x240'])
+    assert model.multiply_adds((180, 240)) == model.multiply_adds((180, 240, 3)) == expected
+    lines = []
+    model.summary(print_fn=lines.append, input_size=(180, 240))
+    text = '\n'.join(lines)
+    assert '(None, 6, 8, 2048)' in text and 'Mult-adds' in lines[2]
+    assert f'{expected:,}' in lines[-1] and '(180, 240, 3)' in lines[-1]
+    assert model.multiply_adds(299) == model.multiply_adds((299, 299))
+    with pytest.raises(minixcept.ShapeError, match=r'\(1, 70, 240, 3\)|\(None, 70, 240, 3\)'):
+        model.multiply_adds((70, 240))
+
+
 # -- wrong shapes ----------------------------------------------------------------------
 @pytest.mark.parametrize('input_shape, shown', [
     ((70, 299, 3), '(70, 299, 3)'),          # a side below 71
@@ -172,6 +256,107 @@ def test_forward_names_the_shape_received_and_expected(xp, batch_shape):
     message = str(error.value)
     assert str(batch_shape) in message
     assert '(N, 71, 71, 3)' in message
+
+
+@pytest.mark.parametrize('include_top, input_shape, weights, shown', [
+    (True, (None, None, 3), None, 'needs a fixed input size'),       # Keras: the top needs a static shape
+    (True, (224, 224, 3), 'imagenet', '(299, 299, 3)'),              # the ImageNet top takes 299 only
+    (False, (None, 64, 3), None, '(None, 64, 3)'),
+])
+def test_constructor_rejects_what_keras_rejects_with_free_sizes(include_top, input_shape, weights, shown):
+    with pytest.raises(minixcept.ShapeError) as error:
+        minixcept.Xception(include_top=include_top, weights=weights, input_shape=input_shape)
+    assert shown in str(error.value)
+
+
+@pytest.mark.parametrize('batch_shape', [(1, 70, 71, 3), (1, 71, 70, 3), (1, 70, 70, 3), (1, 71, 71, 4)])
+def test_any_size_model_rejects_sides_below_71_when_called(xp, batch_shape):
+    model = minixcept.Xception(include_top=False)
+    with pytest.raises(minixcept.ShapeError) as error:
+        model.forward(xp.zeros(batch_shape, dtype=xp.float32))
+    message = str(error.value)
+    assert str(batch_shape) in message and '(N, None, None, 3)' in message
+    if batch_shape[-1] == 3:
+        assert '>= 71' in message
+
+
+@pytest.mark.parametrize('height, width', [(71, 71), (71, 90)])
+def test_any_size_model_runs_from_71(xp, height, width):
+    """The smallest side Keras takes, on both the plain layers and the inference engine."""
+    model = minixcept.Xception(include_top=False, pooling='avg')
+    x = xp.asarray(np.random.default_rng(0).uniform(-1, 1, (1, height, width, 3)).astype(np.float32))
+    with minixcept.no_grad():
+        y, captured = model.forward(x, capture=['block14_sepconv2_act'])
+    assert captured['block14_sepconv2_act'].shape == (1, 3, -(-width // 32), 2048)
+    assert y.shape == (1, 2048)
+    np.testing.assert_allclose(model.predict(minixcept.asnumpy(x)), minixcept.asnumpy(y), rtol=1e-4, atol=1e-5)
+
+
+# -- finding layers and setting weights -------------------------------------------------
+def test_get_layer_of_an_unknown_name_lists_the_closest():
+    model = minixcept.Xception(include_top=False, middle_blocks=1)
+    with pytest.raises(KeyError) as error:
+        model.get_layer('block1_conv_bn')
+    message = str(error.value)
+    assert "'block1_conv_bn'" in message and "'block1_conv1_bn'" in message and "'block1_conv2_bn'" in message
+    with pytest.raises(KeyError) as error:
+        model.get_layer('predictions')              # nothing close: no suggestions
+    assert 'closest' not in str(error.value)
+    assert model.get_layer('block1_conv1_bn').name == 'block1_conv1_bn'
+
+
+@pytest.fixture
+def two_models():
+    """Two small Xceptions with different random weights (middle flow of one block)."""
+    minixcept.set_seed(1)
+    first = minixcept.Xception(include_top=True, classes=3, input_shape=(71, 71, 3), middle_blocks=1)
+    second = minixcept.Xception(include_top=True, classes=3, input_shape=(71, 71, 3), middle_blocks=1)
+    return first, second
+
+
+def assert_weights_equal(ours, expected):
+    assert len(ours) == len(expected)
+    for a, b in zip(ours, expected):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_set_weights_round_trip(xp, two_models):
+    source, target = two_models
+    weights = source.get_weights()
+    assert len(weights) == sum(len(layer.weight_names) for layer in source.layers)
+    assert not np.array_equal(weights[0], target.get_weights()[0])
+    target.set_weights(weights)
+    assert_weights_equal(target.get_weights(), weights)
+    x = xp.asarray(np.random.default_rng(2).uniform(-1, 1, (2, 71, 71, 3)).astype(np.float32))
+    np.testing.assert_array_equal(minixcept.asnumpy(target.forward(x)), minixcept.asnumpy(source.forward(x)))
+    for layer in target.layers:
+        assert all(isinstance(p, xp.ndarray) and p.dtype == np.float32 for p in layer.params.values())
+
+
+def test_set_weights_casts_numbers_as_keras_does(two_models):
+    source, target = two_models
+    target.set_weights([w.astype(np.float64) for w in source.get_weights()])
+    assert all(w.dtype == np.float32 for w in target.get_weights())
+    assert_weights_equal(target.get_weights(), source.get_weights())
+
+
+@pytest.mark.parametrize('change, error, shown', [
+    (lambda w: w[:-1], minixcept.ShapeError, 'got a list of'),                          # one array short
+    (lambda w: w + [w[-1]], minixcept.ShapeError, 'got a list of'),                     # one too many
+    (lambda w: w[:-1] + [w[-1][:2]], minixcept.ShapeError, "'predictions' 'bias'"),     # the last one's shape
+    (lambda w: [w[0].transpose(0, 1, 3, 2)] + w[1:], minixcept.ShapeError, "'block1_conv1' 'kernel'"),
+    (lambda w: w[:-1] + [w[-1].astype(np.complex64)], TypeError, "'predictions' 'bias'"),
+    (lambda w: w[:-1] + [np.array(['a', 'b', 'c'])], TypeError, "'predictions' 'bias'"),
+], ids=['count_short', 'count_long', 'shape_last', 'shape_first', 'complex', 'strings'])
+def test_set_weights_mismatch_sets_nothing(two_models, change, error, shown):
+    """Every array is checked before any is set: a mismatch at the last weight leaves the
+    first layers as they were."""
+    source, target = two_models
+    before = target.get_weights()
+    with pytest.raises(error) as raised:
+        target.set_weights(change(source.get_weights()))
+    assert shown in str(raised.value) and "'xception'" in str(raised.value)
+    assert_weights_equal(target.get_weights(), before)
 
 
 def test_capturing_an_unknown_layer_raises_key_error(xp):

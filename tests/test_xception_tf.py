@@ -21,6 +21,7 @@ from conftest import REFERENCE_DIR, relative_error
 from test_xception import FLOAT64_TOLERANCE, as_float64, assert_within
 
 sys.path.insert(0, str(REFERENCE_DIR))
+import make_any_size as any_size  # noqa: E402
 import make_network as reference  # noqa: E402
 
 FULL_SHAPE = (reference.FULL_SIDE, reference.FULL_SIDE, 3)
@@ -117,6 +118,53 @@ def test_loaded_weights_equal_keras_weights(notop_weights, keras_notop):
         assert len(ours) == len(theirs), name
         for a, b in zip(ours, theirs):
             np.testing.assert_array_equal(a, b, err_msg=name)
+
+
+@pytest.fixture(scope='module')
+def keras_any_size(tf, notop_weights):
+    """keras.applications.Xception(include_top=False) with input_shape left out: (None, None, 3)."""
+    model = reference.keras_xception(None, notop_weights)
+    assert tuple(model.input.shape) == (None, None, None, 3)
+    return model
+
+
+@pytest.mark.parametrize('height, width', any_size.SIZES)
+def test_any_size_model_matches_keras_with_real_weights(catdog, notop_weights, keras_any_size, height, width):
+    """The cat and the dog at 224 x 224 and at 180 x 240 through both models built for any
+    size: all 131 named activations."""
+    import keras
+    images = reference.load_photos(catdog, (height, width))
+    expected = reference.keras_activations(
+        keras_any_size, keras.applications.xception.preprocess_input(images.astype(np.float32)))
+    model = minixcept.Xception(include_top=False, weights=notop_weights)
+    with minixcept.no_grad():
+        _, activations = model.forward(minixcept.preprocess_input(images), capture='all')
+    assert len(activations) == len(expected) == 131
+    errors = {name: relative_error(activations[name], value) for name, value in expected.items()}
+    assert_within(errors, f'any size, {height} x {width}, live')
+
+
+def test_set_weights_takes_keras_get_weights(keras_notop, notop_weights):
+    """Model.set_weights(keras_model.get_weights()): the same order as Keras, so every layer
+    ends up with what loading the file by order gives it."""
+    model = minixcept.Xception(include_top=False)
+    model.set_weights(keras_notop.get_weights())
+    loaded = minixcept.Xception(include_top=False, weights=notop_weights)
+    for ours, theirs in zip(model.layers, loaded.layers):
+        for a, b in zip(ours.get_weights(), theirs.get_weights()):
+            np.testing.assert_array_equal(a, b, err_msg=ours.name)
+
+
+@pytest.mark.parametrize('include_top, frozen', [(False, False), (True, False), (False, True)])
+def test_trainable_split_matches_keras(tf, include_top, frozen):
+    keras_model = reference.keras_xception(None, include_top=include_top)
+    model = minixcept.Xception(include_top=include_top)
+    if frozen:
+        any_size.freeze_before(keras_model, any_size.FROZEN_BEFORE)
+        for layer in model.layers[:model.layers.index(model.get_layer(any_size.FROZEN_BEFORE))]:
+            layer.trainable = False
+    assert (model.count_params(trainable=True), model.count_params(trainable=False)) == \
+        any_size.keras_split(keras_model)
 
 
 # -- backward against GradientTape ----------------------------------------------------

@@ -54,6 +54,7 @@ class Layer:
     """
 
     weight_names = ()
+    non_trainable_weight_names = ()     # weights training never changes by gradient (batch-norm's moving statistics)
 
     def __init__(self, name=None, trainable=True, dtype='float32'):
         self.name = name or _default_name(type(self))
@@ -106,8 +107,13 @@ class Layer:
         dropped when the layer has no bias (its weight_names then end before it)."""
         return dict(zip(self.weight_names, gradients))
 
-    def count_params(self):
-        return int(sum(int(np.prod(p.shape)) for p in self.params.values()))
+    def count_params(self, trainable=None):
+        """Number of weights: all (None), those an optimizer trains (True) or the others (False).
+        A frozen layer (``trainable = False``) has no trainable weights, as in Keras."""
+        def trained(name):
+            return self.trainable and name not in self.non_trainable_weight_names
+        return int(sum(int(np.prod(p.shape)) for name, p in self.params.items()
+                       if trainable is None or trained(name) == trainable))
 
     def astype(self, dtype):
         """Cast parameters to ``dtype`` (float64 for gradient checks)."""

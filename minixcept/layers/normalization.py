@@ -111,6 +111,7 @@ class BatchNormalization(Layer):
     """
 
     weight_names = ('gamma', 'beta', 'moving_mean', 'moving_variance')
+    non_trainable_weight_names = ('moving_mean', 'moving_variance')     # moved by forward, not by gradients
 
     def __init__(self, epsilon=1e-3, momentum=0.99, **kwargs):
         super().__init__(**kwargs)
@@ -124,9 +125,6 @@ class BatchNormalization(Layer):
         self._new_param('beta', np.zeros(channels, np.float32))
         self._new_param('moving_mean', np.zeros(channels, np.float32))
         self._new_param('moving_variance', np.ones(channels, np.float32))
-
-    def count_trainable_params(self):
-        return 2 * int(self.params['gamma'].shape[0])
 
     def _forward(self, x, training):
         p = self.params

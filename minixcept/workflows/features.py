@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import ShapeError
 from ..files.cache import Chunk, FeatureCache, Features
 from ..files.images import load_batch
 from ..layers.base import no_grad
@@ -141,6 +142,9 @@ def _extract(model, folder, cache, *, batch_size, interpolation, label, show_pro
     """Run the photos through the model batch by batch, storing each batch in ``cache`` (a
     FeatureCache the caller holds locked, or None). Returns Features."""
     image_size = model.input_shape[0]
+    if image_size is None:
+        raise ShapeError(f"model {model.name!r} takes photos of any size: build it with input_shape=(s, s, 3) "
+                         "to say the size photos are resized to")
     relative = lambda path: Path(path).relative_to(folder.root).as_posix()  # noqa: E731
     status, chunks = 'off', []
     if cache is not None:

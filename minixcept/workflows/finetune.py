@@ -130,8 +130,7 @@ class FineTuneModel:
 
     def count_trainable_params(self):
         """Parameters the optimizer changes (batch-norm moving statistics are not among them)."""
-        return sum(getattr(layer, 'count_trainable_params', layer.count_params)()
-                   for layer in self.trainable_layers)
+        return sum(layer.count_params(trainable=True) for layer in self.layers)
 
     def frozen_features(self, images):
         """The frozen part's output for images (N, H, W, 3), computed under no_grad in inference

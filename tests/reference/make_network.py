@@ -77,12 +77,14 @@ _AUTOMATIC_NAME = re.compile(r'(conv2d|batch_normalization|add)(?:_\d+)?')
 
 # -- inputs, the same for the fixture and the live tests -------------------------------
 def load_photos(catdog_dir, side, photos=PHOTOS):
-    """The photos as uint8 (N, side, side, 3): RGB, resized bilinearly by Pillow, as
-    keras.utils.load_img(path, target_size=(side, side), interpolation='bilinear')."""
+    """The photos as uint8 (N, height, width, 3), ``side`` being one number for both or
+    (height, width): RGB, resized bilinearly by Pillow, as keras.utils.load_img(path,
+    target_size=(height, width), interpolation='bilinear')."""
+    height, width = (side, side) if np.isscalar(side) else side
     images = []
     for relative in photos:
         with Image.open(Path(catdog_dir) / relative) as photo:
-            images.append(np.asarray(photo.convert('RGB').resize((side, side), Image.BILINEAR)))
+            images.append(np.asarray(photo.convert('RGB').resize((width, height), Image.BILINEAR)))
     return np.stack(images)
 
 
@@ -247,24 +249,28 @@ def keras_layer(keras_model, canonical):
 
 
 # -- the fixtures ------------------------------------------------------------------
-def make_forward(out_dir):
+def forward_summary(keras_model, images):
+    """One photo (1, H, W, 3) uint8 through a Keras model: for every named layer its mean,
+    standard deviation, max |a| and corner slice, and the average-pooled block14 features."""
     import keras
-    images = load_photos(CATDOG, FULL_SIDE, PHOTOS[:1])
-    model = keras_xception((FULL_SIDE, FULL_SIDE, 3), NOTOP_WEIGHTS)
     x = keras.applications.xception.preprocess_input(images.astype(np.float32))
-    activations = keras_activations(model, x)
+    activations = keras_activations(keras_model, x)
     names = list(activations)
     values = [activations[name].astype(np.float64) for name in names]
     pooled = keras.layers.GlobalAveragePooling2D()(activations['block14_sepconv2_act'])
-    np.savez_compressed(
-        Path(out_dir) / 'network_forward.npz',
-        photo=np.array(PHOTOS[0]), image=images,
-        names=np.array(names),
-        mean=np.array([v.mean() for v in values]),
-        std=np.array([v.std() for v in values]),
-        max_abs=np.array([np.abs(v).max() for v in values]),
-        corner=np.stack([activations[name][FORWARD_SLICE] for name in names]),
-        pooled=np.asarray(pooled)[0])
+    return dict(image=images, names=np.array(names),
+                mean=np.array([v.mean() for v in values]),
+                std=np.array([v.std() for v in values]),
+                max_abs=np.array([np.abs(v).max() for v in values]),
+                corner=np.stack([activations[name][FORWARD_SLICE] for name in names]),
+                pooled=np.asarray(pooled)[0])
+
+
+def make_forward(out_dir):
+    images = load_photos(CATDOG, FULL_SIDE, PHOTOS[:1])
+    model = keras_xception((FULL_SIDE, FULL_SIDE, 3), NOTOP_WEIGHTS)
+    np.savez_compressed(Path(out_dir) / 'network_forward.npz', photo=np.array(PHOTOS[0]),
+                        **forward_summary(model, images))
 
 
 def make_backward(out_dir, training):
