@@ -37,7 +37,6 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import ShapeError, WeightsError
 from ..files.fetch import NOTOP_WEIGHTED_LAYERS
 from ..files.hdf5 import read_weights
 from ..files.images import ImageDecodeError, load_image
@@ -77,12 +76,12 @@ def build_pair(path, reference=None, size=None):
 
 def _pair_from_weights(path, reference, size):
     import keras
-    weighted = len(read_weights(path))
-    if weighted not in (NOTOP_WEIGHTED_LAYERS, NOTOP_WEIGHTED_LAYERS + 1):
-        raise CompareError(f"{path}: {weighted} layers with weights; Xception has {NOTOP_WEIGHTED_LAYERS} "
+    entries = read_weights(path)            # [(layer name, [arrays])] of the layers with weights
+    if len(entries) not in (NOTOP_WEIGHTED_LAYERS, NOTOP_WEIGHTED_LAYERS + 1):
+        raise CompareError(f"{path}: {len(entries)} layers with weights; Xception has {NOTOP_WEIGHTED_LAYERS} "
                            f"without its top and {NOTOP_WEIGHTED_LAYERS + 1} with it")
-    include_top = weighted == NOTOP_WEIGHTED_LAYERS + 1
-    classes = read_weights(path)[-1][1][0].shape[-1] if include_top else 1000
+    include_top = len(entries) == NOTOP_WEIGHTED_LAYERS + 1
+    classes = entries[-1][1][0].shape[-1] if include_top else 1000     # the top's kernel: (2048, classes)
     # Keras, as minixcept: the top needs a fixed size; without it any size will do.
     input_shape = (_side_pair(size) or (DEFAULT_SIDE, DEFAULT_SIDE)) + (3,) if include_top else None
     base = Xception(include_top=include_top, weights=path, input_shape=input_shape, classes=classes)
@@ -210,7 +209,7 @@ def minixcept_outputs(pair, x):
 def keras_runner(pair):
     """A function x -> [output of every layer of Keras's base (the input left out), then of its head]."""
     import keras
-    probe = keras.Model(pair.keras_base.inputs, [layer.output for layer in pair.keras_base.layers[1:]])
+    probe = keras.Model(pair.keras_base.input, [layer.output for layer in pair.keras_base.layers[1:]])
 
     def run(x):
         outputs = [np.asarray(value) for value in probe(x, training=False)]
@@ -349,7 +348,7 @@ def main(argv=None, print_fn=print):
                  f": {len(photos)} photo{'s' if len(photos) > 1 else ''} at {height} x {width}, minixcept against "
                  f"Keras {keras.__version__}")
         rows = compare(pair, photos, names)
-    except (CompareError, WeightsError, ShapeError, OSError) as error:
+    except (CompareError, ValueError, OSError) as error:      # WeightsError and ShapeError among them
         print(f'error: {error}', file=sys.stderr)
         return 2
     return 0 if report(rows, args.tolerance, print_fn) else 1
