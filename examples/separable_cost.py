@@ -98,8 +98,8 @@ def layer_costs(c_in, c_out, kernel, size, batch, timed=True, seed=0):
         if timed:
             y = model.forward(x)
             dy = minixcept.to_device(rng.standard_normal(y.shape), np.float32)
-            entry['forward_s'] = seconds(lambda: model.forward(x))
-            entry['backward_s'] = seconds(lambda: model.backward(dy))
+            entry['forward_s'] = seconds(lambda: model.forward(x), repeats=5)
+            entry['backward_s'] = seconds(lambda: model.backward(dy), repeats=5)
         table.append(entry)
     return table
 
