@@ -133,6 +133,14 @@ def test_gradient_at_a_fanned_out_tensor_is_the_sum_of_its_readers(rng):
                                   explain.cam_from(stem, gradient))
 
 
+def test_class_index_out_of_range_is_named():
+    with pytest.raises(ValueError, match=r'0\.\.1 for a head with 1 logit'):
+        explain.class_scores(np.zeros((2, 1)), [0, 2])
+    scores, dlogits = explain.class_scores(np.array([[2.0], [-3.0]]), [0, 0])
+    np.testing.assert_array_equal(scores, [-2.0, 3.0])          # class 0's score is -z
+    np.testing.assert_array_equal(dlogits, [[-1.0], [-1.0]])
+
+
 def test_gradcam_names_a_layer_without_a_map():
     model = minixcept.Xception(include_top=False, pooling='avg', input_shape=(71, 71, 3))
     head = catdog_head()

@@ -48,6 +48,10 @@ def class_scores(logits, classes):
     """
     xp = backend.get_array_module(logits)
     classes = np.asarray(classes, dtype=np.int64)
+    count = max(logits.shape[1], 2)                # one logit: two classes
+    if classes.min(initial=0) < 0 or classes.max(initial=0) >= count:
+        raise ValueError(f"class_index must lie in 0..{count - 1} for a head with {logits.shape[1]} "
+                         f"logit(s), got {sorted(set(classes.tolist()))}")
     rows = np.arange(len(classes))
     dlogits = np.zeros(logits.shape, dtype=logits.dtype)
     if logits.shape[1] == 1:
