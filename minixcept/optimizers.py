@@ -1,8 +1,11 @@
 """SGD with momentum and Adam, with Keras 3's update rules and defaults.
 
-An optimizer updates, in place, every parameter of every trainable layer for
-which the last backward pass left a gradient in ``layer.grads``. Its per-parameter
-state (velocity, moments) is keyed by the layer and the weight name.
+An optimizer updates every parameter of every trainable layer for which the last
+backward pass left a gradient in ``layer.grads``, in place: the step is written into
+the parameter's own array (``w -= step``, on NumPy or CuPy alike), so whoever holds
+that array sees the new values, and the layer's ``weights_version`` moves on, so
+whoever computed something from the old ones (an engine's folded kernels) knows. Its
+per-parameter state (velocity, moments) is keyed by the layer and the weight name.
 """
 from .backend import get_array_module
 
@@ -23,10 +26,12 @@ class Optimizer:
         """One step over the gradients in each trainable layer's ``grads``."""
         self.iterations += 1
         for layer in layers:
-            if not layer.trainable:
+            if not layer.trainable or not layer.grads:
                 continue
             for name, grad in layer.grads.items():
-                layer.params[name] = self._update(layer, name, layer.params[name], grad)
+                param = layer.params[name]
+                param -= self._step(layer, name, param, grad).astype(param.dtype, copy=False)
+            layer.weights_changed()
 
     step = apply_gradients
 
@@ -35,6 +40,8 @@ class SGD(Optimizer):
     """Keras's SGD(learning_rate=0.01, momentum=0.0, nesterov=False).
 
     v = momentum * v - lr * g;   w = w + v   (nesterov: w = w + momentum * v - lr * g)
+
+    ``_step`` returns what is taken from w: -v, or lr * g - momentum * v with nesterov.
     """
 
     def __init__(self, learning_rate=0.01, momentum=0.0, nesterov=False):
@@ -42,15 +49,15 @@ class SGD(Optimizer):
         self.momentum = momentum
         self.nesterov = nesterov
 
-    def _update(self, layer, name, param, grad):
+    def _step(self, layer, name, param, grad):
         if self.momentum == 0:
-            return param - self.learning_rate * grad
+            return self.learning_rate * grad
         velocity = self._slot(layer, name, 'velocity', param)
         velocity *= self.momentum
         velocity -= self.learning_rate * grad
         if self.nesterov:
-            return param + self.momentum * velocity - self.learning_rate * grad
-        return param + velocity
+            return self.learning_rate * grad - self.momentum * velocity
+        return -velocity
 
 
 class Adam(Optimizer):
@@ -64,7 +71,7 @@ class Adam(Optimizer):
         super().__init__(learning_rate)
         self.beta_1, self.beta_2, self.epsilon = beta_1, beta_2, epsilon
 
-    def _update(self, layer, name, param, grad):
+    def _step(self, layer, name, param, grad):
         xp = get_array_module(param)
         m = self._slot(layer, name, 'm', param)
         v = self._slot(layer, name, 'v', param)
@@ -72,4 +79,4 @@ class Adam(Optimizer):
         v += (grad * grad - v) * (1 - self.beta_2)
         t = self.iterations
         step_size = self.learning_rate * (1 - self.beta_2 ** t) ** 0.5 / (1 - self.beta_1 ** t)
-        return param - (step_size * m / (xp.sqrt(v) + self.epsilon)).astype(param.dtype)
+        return step_size * m / (xp.sqrt(v) + self.epsilon)

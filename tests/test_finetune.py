@@ -95,10 +95,13 @@ def test_cached_and_fed_frozen_outputs_agree_and_augmentation_is_seeded(xp, rng)
     assert not np.allclose(minixcept.asnumpy(augmented), cached)
 
 
-def test_a_step_moves_trainable_weights_only(xp, rng):
+@pytest.mark.parametrize('bn_statistics', ['batch', 'moving'])
+def test_a_step_moves_trainable_weights_only(xp, rng, bn_statistics):
+    """Frozen layers get no gradient and keep their weights; trainable ones take the SGD step;
+    a trainable batch-norm's moving statistics move with batch statistics and stay with moving."""
     minixcept.set_seed(2)
     base = minixcept.Xception(include_top=False, pooling='avg', input_shape=(71, 71, 3))
-    network = FineTuneModel(base, build_head(), train_from='block14')
+    network = FineTuneModel(base, build_head(), train_from='block14', bn_statistics=bn_statistics)
     before = {layer.name: [w.copy() for w in layer.get_weights()] for layer in network.layers}
     images = minixcept.to_device(preprocess_input(rng.integers(0, 256, (4, 71, 71, 3))))
     labels = minixcept.to_device(np.array([0, 1, 1, 0]))
@@ -119,7 +122,8 @@ def test_a_step_moves_trainable_weights_only(xp, rng):
             continue
         for name, old, new in zip(layer.weight_names, before[layer.name], after):
             if name in ('moving_mean', 'moving_variance'):           # trainable batch-norm moves these
-                assert not np.array_equal(old, new), f'{layer.name}/{name} did not move'
+                moved = not np.array_equal(old, new)
+                assert moved == (bn_statistics == 'batch'), f'{layer.name}/{name} moved: {moved}'
             else:
                 np.testing.assert_allclose(new, old - learning_rate * grads[layer.name][name], rtol=1e-6,
                                            atol=1e-7, err_msg=f'{layer.name}/{name}')

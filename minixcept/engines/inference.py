@@ -61,7 +61,7 @@ from ..layers.base import no_grad
 from ..padding import window_geometry
 from .kernels import (ONE_THREAD, BufferPool, along_width, bias_and_relu, depthwise_tile, engine_workers, extent,
                       gather_rows, im2col_tile, max_pool_tile, plan_blocks, single_threaded_blas)
-from .plan import GraphPlan, Kernels, Fusion, is_relu
+from .plan import Fusion, GraphPlan, Kernels, is_relu, weights_versions
 
 
 # -- steps: what the engine runs -----------------------------------------------------------------
@@ -352,8 +352,7 @@ class InferenceEngine:
         self.workers = engine_workers(threads)
         self.threads = self.workers.threads
         self.buffers = [BufferPool() for _ in range(self.threads)]        # one pool per share
-        self._plans = {}
-        self._versions = None
+        self._plans = {}                 # (keep, start_after, stop_after) -> (weights versions, plan)
 
     @property
     def layers(self):
@@ -366,14 +365,13 @@ class InferenceEngine:
 
     def _plan(self, keep, start_after, stop_after):
         """The plan for this stretch and capture, planned afresh (folding the weights as they are
-        now) whenever a layer's weights changed since the plans were made."""
-        versions = [layer.weights_version for layer in self.model.layers]
-        if versions != self._versions:
-            self._plans, self._versions = {}, versions
+        now) whenever the weights of a layer in the stretch changed since it was made."""
         key = (frozenset(keep), start_after, stop_after)
-        if key not in self._plans:
-            self._plans[key] = plan(self.model, key[0], start_after, stop_after)
-        return self._plans[key]
+        versions = weights_versions(self.model, *self.model.stretch(start_after, stop_after))
+        kept = self._plans.get(key)
+        if kept is None or kept[0] != versions:
+            kept = self._plans[key] = versions, plan(self.model, key[0], start_after, stop_after)
+        return kept[1]
 
     def forward(self, x, training=False, capture=None, start_after=None, stop_after=None):
         """Like ``model.forward(x, training=False, capture, start_after, stop_after)``, faster.

@@ -67,7 +67,7 @@ from ..padding import window, window_geometry
 from .kernels import (BufferPool, along_width, backward_pads, conv_kernel_gradient, conv_rows, depthwise_kernel_gradient,
                       depthwise_rows, done_with, engine_workers, extent, gather_rows, lending_from,
                       max_pool_tile_with_argmax, new_array, new_like, single_threaded_blas, tiles_of)
-from .plan import GraphPlan, Kernels
+from .plan import GraphPlan, Kernels, weights_versions
 
 # Batch-norm's gamma gradient is summed over pieces of about this many bytes of x and dy.
 SUM_BYTES = 256 * 1024
@@ -497,7 +497,7 @@ class GradientEngine:
         self.buffers = [BufferPool() for _ in range(self.threads)]
         self._shares = None                      # per share: (slice of the batch, its node records)
         self._graph = self._fused = None         # the GraphPlan and fusions of the last forward pass
-        self._plans, self._versions = {}, None
+        self._plans = {}                         # (training, start_after, stop_after) -> (versions, plan)
 
     # -- what a runner offers (as Model) -------------------------------------------------------
     @property
@@ -518,15 +518,15 @@ class GradientEngine:
         return self.model.count_params()
 
     def _plan(self, training, start_after, stop_after):
-        """(GraphPlan, fusions) for this stretch and mode, made afresh when weights changed."""
-        versions = [layer.weights_version for layer in self.model.layers]
-        if versions != self._versions:
-            self._plans, self._versions = {}, versions
+        """(GraphPlan, fusions) for this stretch and mode, made afresh (the batch-norms folded
+        as they are now) whenever the weights of a layer in the stretch changed."""
         key = (training, start_after, stop_after)
-        if key not in self._plans:
+        versions = weights_versions(self.model, *self.model.stretch(start_after, stop_after))
+        kept = self._plans.get(key)
+        if kept is None or kept[0] != versions:
             graph = GraphPlan(self.model, training, start_after=start_after, stop_after=stop_after)
-            self._plans[key] = graph, plan_fusion(graph)
-        return self._plans[key]
+            kept = self._plans[key] = versions, (graph, plan_fusion(graph))
+        return kept[1]
 
     def needs_one_share(self, training, nodes=None):
         """Whether the batch must run as one share in this mode: a dropout layer draws its

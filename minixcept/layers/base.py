@@ -73,7 +73,9 @@ class Layer:
         self.built = True
 
     def _new_param(self, name, array):
-        self.params[name] = backend.to_device(array, self.dtype)
+        # a copy of our own: optimizers update parameters in place, never the caller's array
+        value = backend.to_device(array, self.dtype)
+        self.params[name] = value.copy() if value is array else value
         self.weights_changed()
 
     def weights_changed(self):
@@ -81,8 +83,9 @@ class Layer:
         self.weights_version += 1
 
     def get_weights(self):
-        """Weights as NumPy arrays, in Keras order."""
-        return [backend.asnumpy(self.params[name]) for name in self.weight_names]
+        """Weights as NumPy arrays of the caller's own (copies), in Keras order."""
+        arrays = [(self.params[name], backend.asnumpy(self.params[name])) for name in self.weight_names]
+        return [host.copy() if host is param else host for param, host in arrays]
 
     def set_weights(self, weights):
         """Set weights from a list in Keras order, checking every shape."""

@@ -11,20 +11,26 @@ Freezing works as in Keras:
 - every layer before the first layer of the chosen block gets ``trainable = False``;
   the optimizer leaves its weights alone, and a frozen BatchNormalization runs in
   inference mode (moving statistics) even in a training step;
-- trainable batch-norm layers normalise with the batch's statistics and update
-  their moving statistics;
+- trainable batch-norm layers keep normalising with their moving statistics, which
+  stay as they are, while gamma and beta train (``bn_statistics='moving'``, the
+  default): what Keras's own transfer-learning guide recommends, calling the base
+  with training=False;
 - the backward pass stops at the first trainable layer: nothing below it needs a
   gradient.
 
-Batch statistics have a price here. A head trained on features made with the
-ImageNet moving statistics sees different features as soon as block 14's
-batch-norm normalises with the statistics of a batch of cats and dogs: on 200
-training photos at 299 px, the bottleneck head's loss goes from 0.005 to 0.24 and
-its accuracy from 100% to 93% with no weight changed. Fine-tuning then spends its
-first epochs recovering. ``bn_statistics='moving'`` is the alternative Keras's
-own transfer-learning guide recommends (calling the base with training=False):
-trainable batch-norm layers keep normalising with their moving statistics, which
-stay as they are, while gamma and beta still train.
+Batch statistics (``bn_statistics='batch'``, Keras's trainable=True called with
+training=True) are there on request, and have a price here. A head trained on
+features made with the ImageNet moving statistics sees different features as soon
+as block 14's batch-norm normalises with the statistics of a batch of cats and dogs:
+on 200 training photos at 299 px, the bottleneck head's loss goes from 0.005 to 0.24
+and its accuracy from 100% to 93% with no weight changed. Fine-tuning then spends its
+first epochs recovering (3 augmented epochs on the shared photos: 98.99% against the
+99.14% that the moving statistics held).
+
+With ``fast`` (the default) the trainable part of the base runs on the training engine
+kept for it (``minixcept.engines.training``) and the frozen part on the inference engine;
+``fast=False`` runs the plain layers throughout. The head, a few Dense layers, always runs
+its plain layers.
 
 Since the frozen part never changes, its output can be computed once per photo
 and reused ("cached") whenever the photo is seen again unchanged; with
@@ -36,14 +42,16 @@ augmentation every step sees new pixels, so the frozen part runs each time, unde
     network = FineTuneModel(base, head, train_from='block14')
     x_val = cache_frozen_features(network, validation_pixels)          # computed once
     x_train = FrozenFeatureFeed(network, train_pixels, rng=np.random.default_rng(0))  # augmented
-    training.fit(network, x_train, train_labels, BinaryCrossentropy(from_logits=True),
-                 SGD(1e-4, momentum=0.9), epochs=5, validation_data=(x_val, validation_labels))
+    fit(network, x_train, train_labels, BinaryCrossentropy(from_logits=True),
+        SGD(1e-4, momentum=0.9), epochs=5, validation_data=(x_val, validation_labels))
 """
 import time
 
 import numpy as np
 
 from .. import backend
+from ..engines.inference import engine_for as inference_engine
+from ..engines.training import engine_for as training_engine
 from ..files.augment import AugmentSettings, augment_batch
 from ..xception import preprocess_input
 from ..layers.base import no_grad
@@ -103,13 +111,15 @@ class FineTuneModel:
     (N, 10, 10, 1024) when training from block14 at 299 px), so the same model trains on
     outputs cached once per photo and on outputs computed afresh from augmented photos.
     With nothing frozen (``train_from='block1'``) the input is the images themselves.
-    It has the ``forward``, ``backward`` and ``layers`` that ``training.fit`` uses.
-    fast: compute the frozen part with the fast inference engine (see ``frozen_features``).
-    bn_statistics: 'batch' (Keras's trainable=True: a training step normalises with the batch's
-    statistics and moves the moving ones) or 'moving' (the base always runs in inference mode).
+    It has the ``forward``, ``backward``, ``layers`` and ``get_layer`` that ``workflows.fit`` uses.
+    fast: run the base on the engines (the frozen part on the inference engine, the trainable
+    part on the training engine), else on its plain layers; the same numbers to float32 rounding.
+    bn_statistics: 'moving' (the default: the base always runs in inference mode, as Keras's
+    guide recommends) or 'batch' (Keras's trainable=True: a training step normalises with the
+    batch's statistics and moves the moving ones).
     """
 
-    def __init__(self, base, head, train_from='block14', fast=True, bn_statistics='batch'):
+    def __init__(self, base, head, train_from='block14', fast=True, bn_statistics='moving'):
         if bn_statistics not in ('batch', 'moving'):
             raise ValueError(f"bn_statistics must be 'batch' or 'moving', got {bn_statistics!r}")
         self.base, self.head = base, head
@@ -118,11 +128,18 @@ class FineTuneModel:
         self.first_trainable = freeze_before(base, train_from)
         self.frozen_output = frozen_output_name(base, self.first_trainable)
         self.fast = fast
-        self._engine = None
+        # the runner of the trainable part: the training engine kept for the base, or the base
+        self.base_runner = training_engine(base) if fast else base
 
     @property
     def layers(self):
         return self.base.layers + self.head.layers
+
+    def get_layer(self, name):
+        try:
+            return self.base.get_layer(name)
+        except KeyError:
+            return self.head.get_layer(name)
 
     @property
     def trainable_layers(self):
@@ -136,28 +153,23 @@ class FineTuneModel:
         """The frozen part's output for images (N, H, W, 3), computed under no_grad in inference
         mode; the images themselves when nothing is frozen.
 
-        With ``fast`` (the default) it comes from ``minixcept.engines.inference.InferenceEngine``, which agrees
-        with the layers to float32 rounding and is quicker on the CPU. The engine copies the
-        weights it folds when first used, which is safe here because frozen weights never change;
-        set the base's weights before the first call.
+        With ``fast`` (the default) it comes from the inference engine kept for the base, which
+        agrees with the layers to float32 rounding and is quicker on the CPU (and folds the
+        weights again if they change).
         """
         if self.frozen_output is None:
             return images
         if not self.fast:
             with no_grad():
                 return self.base.forward(images, training=False, stop_after=self.frozen_output)
-        if self._engine is None:
-            from ..engines.inference import InferenceEngine
-            self._engine = InferenceEngine(self.base)
-        _, captured = self._engine(images, capture=[self.frozen_output])
-        return captured[self.frozen_output].copy()        # the engine may reuse its buffers
+        return inference_engine(self.base)(images, stop_after=self.frozen_output)
 
     def forward(self, x, training=False):
         """Logits (N, 1) from the frozen part's output x. ``training=True``: dropout on and, with
         bn_statistics='batch', trainable batch-norm layers use batch statistics and move their
         moving statistics."""
         base_training = training and self.bn_statistics == 'batch'    # only batch-norm reads it in the base
-        pooled = self.base.forward(x, training=base_training, start_after=self.frozen_output)
+        pooled = self.base_runner.forward(x, training=base_training, start_after=self.frozen_output)
         return self.head.forward(pooled, training=training)
 
     __call__ = forward
@@ -167,7 +179,7 @@ class FineTuneModel:
         base, filling their ``grads``; stops at the first trainable layer, below which nothing
         needs a gradient. Returns the gradient of that layer's input."""
         dpooled = self.head.backward(dlogits)
-        return self.base.backward(dpooled, stop_at=stop_at or self.first_trainable)
+        return self.base_runner.backward(dpooled, stop_at=stop_at or self.first_trainable)
 
 
 class FrozenFeatureFeed:
@@ -175,7 +187,7 @@ class FrozenFeatureFeed:
 
     ``feed[indices]`` takes those photos (uint8 (N, H, W, 3)), augments each with its own draw
     from ``rng``, scales them to [-1, 1] and runs the frozen part on them: the rows
-    ``training.fit`` asks for. Without ``rng`` nothing is augmented, and then computing
+    ``workflows.fit`` asks for. Without ``rng`` nothing is augmented, and then computing
     ``cache_frozen_features`` once is cheaper than a feed.
     """
 

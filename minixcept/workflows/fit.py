@@ -13,14 +13,23 @@ model being fine-tuned) for classification with one of minixcept's losses:
 The training loss and accuracy of an epoch are averaged over its batches as they
 were computed, with dropout active, as Keras reports them; the validation figures
 come from a separate pass in inference mode.
+
+A ``Model`` trains on the training engine kept for it (``fast=True``, the default:
+``minixcept.engines.training``, the same numbers to float32 rounding, faster on the CPU)
+or on its plain layers (``fast=False``). Anything else with ``forward``, ``backward`` and
+``layers`` (a ``FineTuneModel``, an engine) trains as it is. During an epoch a line on
+stderr says how far it got (batches, photos per second, time left), as Keras's fit does.
 """
+import sys
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from .. import backend
+from ..engines.training import engine_for
 from ..layers.base import no_grad
+from ..model import Model
 
 
 @dataclass
@@ -57,16 +66,70 @@ def predicted_classes(outputs, loss):
     return outputs.argmax(axis=-1)
 
 
+def runner_for(model, fast=True):
+    """What ``fit`` and ``evaluate`` run: for a ``Model`` with ``fast``, the training engine kept
+    for it; anything else (the model with ``fast=False``, a ``FineTuneModel``, an engine) as it is."""
+    return engine_for(model) if fast and isinstance(model, Model) else model
+
+
+class Progress:
+    """How far an epoch got, as Keras's fit shows it: batches done, photos per second, time left.
+
+    Writes to ``stream`` at most once every ``interval`` seconds, the first time after
+    ``interval`` seconds, and a last line when the epoch ends if it wrote any: a short epoch
+    (a test's) writes nothing. On a terminal each line overwrites the one before.
+    """
+
+    def __init__(self, stream, epoch, epochs, batches, photos, interval=2.0):
+        self.stream, self.interval = stream, interval
+        self.prefix = f'epoch {epoch:>{len(str(epochs))}}/{epochs}'
+        self.batches, self.photos = batches, photos
+        self.started = self.last_written = time.monotonic()
+        self.written = False
+        self.overwrite = getattr(stream, 'isatty', lambda: False)()
+
+    def update(self, batches_done, photos_done):
+        now = time.monotonic()
+        if now - self.last_written >= self.interval:
+            self._write(batches_done, photos_done, now)
+
+    def finish(self, batches_done, photos_done):
+        if self.written:
+            self._write(batches_done, photos_done, time.monotonic())
+            if self.overwrite:
+                self.stream.write('\n')
+                self.stream.flush()
+
+    def _write(self, batches_done, photos_done, now):
+        seconds = max(now - self.started, 1e-9)
+        rate = photos_done / seconds
+        left = (self.photos - photos_done) / rate if rate > 0 else float('inf')
+        line = (f'{self.prefix}  batch {batches_done}/{self.batches}  {rate:.1f} photos/s  '
+                f'{_duration(left)} left')
+        self.stream.write(('\r' + line.ljust(72)) if self.overwrite else line + '\n')
+        self.stream.flush()
+        self.last_written, self.written = now, True
+
+
+def _duration(seconds):
+    if seconds == float('inf'):
+        return '?'
+    minutes, seconds = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f'{hours}:{minutes:02d}:{seconds:02d}' if hours else f'{minutes}:{seconds:02d}'
+
+
 def _batch(x, y, indices):
     """One batch moved to the current backend: x as float32, y as given."""
     return backend.to_device(x[indices], np.float32), backend.to_device(y[indices])
 
 
-def evaluate(model, x, y, loss, batch_size=256):
+def evaluate(model, x, y, loss, batch_size=256, fast=True):
     """Mean loss and accuracy of ``model`` on (x, y) in inference mode: ``{'loss', 'accuracy'}``.
 
-    x: (N, ...) inputs; y: (N,) class indices.
+    x: (N, ...) inputs; y: (N,) class indices. fast: as in ``fit``.
     """
+    model = runner_for(model, fast)
     total_loss, correct = 0.0, 0
     with no_grad():
         for start in range(0, len(x), batch_size):
@@ -89,7 +152,8 @@ def _restore(model, snapshot):
 
 
 def fit(model, x, y, loss, optimizer, epochs, batch_size=32, validation_data=None, seed=0,
-        restore_best_weights=True, stop_at=None, log=print):
+        restore_best_weights=True, stop_at=None, log=print, fast=True, verbose=1, progress_stream=None,
+        progress_interval=2.0):
     """Train ``model`` on (x, y); returns a History.
 
     x: (N, ...) inputs (an array, or anything indexable by an integer array); y: (N,) class
@@ -98,19 +162,31 @@ def fit(model, x, y, loss, optimizer, epochs, batch_size=32, validation_data=Non
     seed: the order of the batches, shuffled afresh each epoch; the same seed gives the same run.
     stop_at: passed to ``model.backward`` (the last layer to train, when earlier ones are frozen).
     log: called with one line per epoch (None for silence).
+    fast: train a ``Model`` on the training engine kept for it (see the module docstring).
+    verbose: 1 writes the progress within each epoch to ``progress_stream`` (stderr by default)
+    at most every ``progress_interval`` seconds (``Progress``); 0 writes none.
     """
+    model = runner_for(model, fast)
     order_rng = np.random.default_rng(seed)
     history, best_snapshot, best_loss = History(), None, np.inf
+    n_batches = max(1, -(-len(x) // batch_size))
     for epoch in range(1, epochs + 1):
         started = time.monotonic()
-        total_loss, correct = 0.0, 0
-        for batch_indices in np.array_split(order_rng.permutation(len(x)), max(1, -(-len(x) // batch_size))):
+        total_loss, correct, seen = 0.0, 0, 0
+        progress = (Progress(progress_stream or sys.stderr, epoch, epochs, n_batches, len(x), progress_interval)
+                    if verbose else None)
+        for done, batch_indices in enumerate(np.array_split(order_rng.permutation(len(x)), n_batches), 1):
             xb, yb = _batch(x, y, batch_indices)
             outputs = model.forward(xb, training=True)
             total_loss += float(loss.forward(outputs, yb)) * len(batch_indices)
             correct += int((predicted_classes(outputs, loss) == yb.reshape(-1)).sum())
             model.backward(loss.backward(), stop_at=stop_at)
             optimizer.apply_gradients(model.layers)
+            seen += len(batch_indices)
+            if progress is not None:
+                progress.update(done, seen)
+        if progress is not None:
+            progress.finish(n_batches, seen)
         record = {'epoch': epoch, 'loss': total_loss / len(x), 'accuracy': correct / len(x)}
         if validation_data is not None:
             scores = evaluate(model, *validation_data, loss)
