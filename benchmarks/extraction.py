@@ -12,7 +12,6 @@ layers (``fast=False``) and once through the inference engine behind ``Model.pre
 rounds) and their ratio. Needs the ImageNet notop weights (``python weights/fetch.py``) and
 the photos (default: the shared cat/dog folder beside the repository, its train split).
 """
-import argparse
 import statistics
 import sys
 import time
@@ -24,22 +23,16 @@ sys.path.insert(0, str(REPO))
 import minixcept  # noqa: E402
 from minixcept.workflows.features import extract_features  # noqa: E402
 from minixcept.files.images import find_image_folders  # noqa: E402
-
-WEIGHTS = REPO / 'weights' / 'xception_weights_tf_dim_ordering_tf_kernels_notop.h5'
+from photos import photo_arguments, require_weights  # noqa: E402
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    parser.add_argument('--data', type=Path, default=REPO.parent / 'shared' / 'catdog')
-    parser.add_argument('--photos', type=int, default=64, help='photos per run, half of each class')
-    parser.add_argument('--rounds', type=int, default=3)
-    parser.add_argument('--batch-size', type=int, default=32, help='as the example uses')
-    args = parser.parse_args(argv)
-    if not WEIGHTS.exists():
-        sys.exit(f'no weights at {WEIGHTS.relative_to(REPO)}: run python weights/fetch.py first')
+    args = photo_arguments(__doc__.split('\n\n')[0], photos=64, rounds=3, batch_size=32,
+                           batch_help='as the example uses').parse_args(argv)
+    weights = require_weights()
     folder = find_image_folders(args.data)['train'].limit(args.photos // 2)
     model = minixcept.Xception(include_top=False, input_shape=(299, 299, 3), pooling='avg')
-    model.load_weights(WEIGHTS)
+    model.load_weights(weights)
     ways = {'plain layers': False, 'inference engine': True}
 
     def extract(fast):

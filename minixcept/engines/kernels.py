@@ -237,14 +237,11 @@ def max_pool_tile_with_argmax(x_tile, pool_size, strides, out, argmax):
     out_hw = out.shape[1:3]
     out[...] = window(x_tile, 0, 0, out_hw, strides)
     argmax[...] = 0
-    for p in range(kh):
-        for q in range(kw):
-            if p == q == 0:
-                continue
-            candidate = window(x_tile, p, q, out_hw, strides)
-            better = candidate > out                           # strict: ties keep the earlier offset
-            xp.maximum(out, candidate, out=out)
-            argmax += better * (p * kw + q - argmax)
+    for offset in range(1, kh * kw):                           # offset = p * kw + q, row-major
+        candidate = window(x_tile, offset // kw, offset % kw, out_hw, strides)
+        better = candidate > out                               # strict: ties keep the earlier offset
+        xp.maximum(out, candidate, out=out)
+        argmax += better * (offset - argmax)
     return out, argmax
 
 
