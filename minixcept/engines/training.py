@@ -120,11 +120,9 @@ class FoldedBatchNorm:
     """A batch-norm on its moving statistics, folded into the convolution before it.
 
     With u = columns @ K + b the convolution's output (columns: im2col rows, or the depthwise
-    output of a separable convolution) and scale = gamma * inv_std, the batch-norm's output
-
-        y = (u - mean) * scale + beta = columns @ (K * scale) + (b - mean) * scale + beta
-
-    is one matrix product with a folded kernel and bias, and u is never stored. Backward,
+    output of a separable convolution), the batch-norm's output y is one matrix product with a
+    folded kernel K * scale, scale = gamma * inv_std, and bias (``fold_batch_norm``, taught in
+    ``minixcept.layers.normalization``), and u is never stored. Backward,
     with dy the gradient of y and G = columns.T @ dy (the product the kernel gradient needs
     anyway):
 
