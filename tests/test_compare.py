@@ -104,7 +104,9 @@ def transfer_models(tf, notop_weights, tmp_path_factory):
       GlobalAveragePooling2D, Dropout, Dense(8, relu), Dense(1, sigmoid); saved again with the
       last Dense changed (``changed``);
     - functional: Input(None, None, 3) into Xception(pooling='avg', random weights) called with
-      training=False, then Dropout and Dense(3, softmax)."""
+      training=False, then Dropout and Dense(3, softmax);
+    - flat: the sequential model's base with a head built on ``base.output`` (GlobalMaxPooling2D,
+      Dense(2)), so Xception's layers are the model's own."""
     import keras
     folder = tmp_path_factory.mktemp('transfer')
     keras.utils.set_random_seed(3)
@@ -123,8 +125,12 @@ def transfer_models(tf, notop_weights, tmp_path_factory):
     pooled = keras.applications.Xception(weights=None, include_top=False, pooling='avg')(inputs, training=False)
     outputs = keras.layers.Dense(3, activation='softmax')(keras.layers.Dropout(0.2)(pooled))
     keras.Model(inputs, outputs).save(folder / 'functional.keras')
+
+    flat = keras.Model(base.input, keras.layers.Dense(2)(keras.layers.GlobalMaxPooling2D()(base.output)))
+    flat.save(folder / 'flat.keras')
     return {'sequential': (folder / 'sequential.keras', [layer.name for layer in sequential.layers[1:]]),
-            'changed': folder / 'changed.keras', 'functional': folder / 'functional.keras'}
+            'changed': folder / 'changed.keras', 'functional': folder / 'functional.keras',
+            'flat': (folder / 'flat.keras', [layer.name for layer in flat.layers[-2:]])}
 
 
 def test_a_transfer_learning_model_compares_its_head_too(transfer_models, photos):
@@ -157,3 +163,12 @@ def test_a_functional_model_with_a_pooling_base_at_a_chosen_size(transfer_models
     assert names[-3] == 'global_average_pooling2d'                  # the base's pooling
     assert [name.rstrip('_0123456789') for name in names[-2:]] == ['dropout', 'dense']     # Keras numbers them
     assert len(rows) == 6 + 3
+
+
+def test_a_model_built_on_the_base_output(transfer_models, photos):
+    """Xception's layers at the model's own level, the head after block 14."""
+    path, head_names = transfer_models['flat']
+    status, lines = run_compare(path, photos[0], '--layers', 'block14_sepconv2*', *head_names)
+    assert status == 0, '\n'.join(lines)
+    assert list(rows_of(lines)) == ['block14_sepconv2', 'block14_sepconv2_bn', 'block14_sepconv2_act'] + head_names
+    assert '80 x 80' in lines[0]

@@ -12,7 +12,8 @@ is missing.
              .weights.h5): keras.applications.Xception(weights=None) plus load_weights,
              with the top when the file has it;
            - a .keras model saved after transfer learning, an Xception base followed by a
-             head of pooling, Dropout and Dense layers (keras.Sequential, or functional):
+             head of pooling, Dropout and Dense layers (keras.Sequential or functional, the
+             base used as a layer or its layers the model's own; or Xception by itself):
              Keras loads it whole; minixcept builds the same base and head from the
              archive's config.json and loads the weights by order;
 2. run     the photos (Pillow, bilinear, to the model's size; x / 127.5 - 1) through both,
@@ -92,33 +93,51 @@ def _pair_from_weights(path, reference, size):
 
 
 def _pair_from_keras_model(path, reference, size):
-    """A transfer-learning model: the Xception base and the head from config.json."""
+    """A model saved by Keras: the Xception base and the head after it, from config.json."""
     import keras
-    outer = _keras_config(path)
-    layers = outer.get('config', {}).get('layers', [])
-    bases = [i for i, layer in enumerate(layers) if _is_xception(layer)]
-    if len(bases) != 1:
-        raise CompareError(f"{path}: expected one Xception model inside (keras.applications.Xception used as a "
-                           f"layer), found {len(bases)}")
-    base_config = layers[bases[0]]['config']
-    head_configs = [layer for layer in layers[bases[0] + 1:] if layer['class_name'] != 'InputLayer']
-    input_shape = _base_input_shape(base_config)
+    base_configs, head_configs, nested = _split_base_and_head(_keras_config(path), path)
+    input_shape = _base_input_shape(base_configs)
     if None not in input_shape[:2] and size is not None and _side_pair(size) != input_shape[:2]:
         raise CompareError(f"{path}: the model takes {input_shape[0]} x {input_shape[1]} photos, "
                            f"not --size {size}")
-    base = _xception_like(base_config, input_shape)
+    base = _xception_like(base_configs, input_shape)
     head = Sequential([_head_layer(config, path) for config in head_configs],
                       input_shape=base.output_shape()[1:], name='head') if head_configs else None
     load_weights(base.layers + (head.layers if head else []), path)
 
     keras_model = keras.saving.load_model(os.fspath(reference), compile=False)
+    if not nested:                      # Xception's layers are the model's own: one probe sees them all
+        return Pair(base, head, keras_model, [], input_shape)
     keras_bases = [layer for layer in keras_model.layers if isinstance(layer, keras.Model)]
     if len(keras_bases) != 1:
         raise CompareError(f"{reference}: Keras finds {len(keras_bases)} models inside, expected the one Xception base")
     keras_base = keras_bases[0]
-    keras_head = [layer for layer in keras_model.layers[keras_model.layers.index(keras_base) + 1:]
-                  if not isinstance(layer, keras.layers.InputLayer)]
+    keras_head = _without_inputs(keras_model.layers[keras_model.layers.index(keras_base) + 1:])
     return Pair(base, head, keras_base, keras_head, input_shape)
+
+
+def _split_base_and_head(model_config, path):
+    """(base layer configs, head layer configs, nested) of a saved model, either
+    - nested: keras.applications.Xception used as a layer (Keras's transfer-learning guide),
+      the layers after it being the head; or
+    - flat: Xception's own layers in the model (Xception itself saved, or a head built on
+      ``base.output``), the base ending at 'predictions' or else 'block14_sepconv2_act'."""
+    layers = model_config.get('config', {}).get('layers', [])
+    names = [layer.get('config', {}).get('name') for layer in layers]
+    nested = [i for i, layer in enumerate(layers) if _is_xception(layer)]
+    if len(nested) == 1:
+        return layers[nested[0]]['config']['layers'], _without_inputs(layers[nested[0] + 1:]), True
+    if not nested and 'block1_conv1' in names:
+        end = names.index('predictions' if 'predictions' in names else 'block14_sepconv2_act') + 1
+        return layers[:end], _without_inputs(layers[end:]), False
+    raise CompareError(f"{path}: expected one Xception base (keras.applications.Xception, used as a layer or as "
+                       f"the model), found {len(nested)} models with Xception's layers inside")
+
+
+def _without_inputs(layers):
+    """Layers, or layer configs, other than input layers."""
+    return [layer for layer in layers
+            if (layer.get('class_name') if isinstance(layer, dict) else type(layer).__name__) != 'InputLayer']
 
 
 def _keras_config(path):
@@ -134,18 +153,17 @@ def _is_xception(layer_config):
     return isinstance(inner, list) and any(layer.get('config', {}).get('name') == 'block1_conv1' for layer in inner)
 
 
-def _base_input_shape(base_config):
+def _base_input_shape(base_configs):
     """(H, W, 3) of the base's InputLayer (Keras 3 writes batch_shape, older ones batch_input_shape)."""
-    for layer in base_config['layers']:
+    for layer in base_configs:
         if layer['class_name'] == 'InputLayer':
             config = layer['config']
             return tuple(config.get('batch_shape') or config['batch_input_shape'])[1:]
     raise CompareError("the Xception base has no InputLayer in its config")
 
 
-def _xception_like(base_config, input_shape):
-    """minixcept's Xception with the base's top, pooling and middle-flow depth."""
-    layers = base_config['layers']
+def _xception_like(layers, input_shape):
+    """minixcept's Xception with the base's top, pooling and middle-flow depth (from its layer configs)."""
     by_name = {layer['config']['name']: layer for layer in layers}
     adds = sum(1 for layer in layers if layer['class_name'] == 'Add')
     last = layers[-1]['class_name']
@@ -209,7 +227,7 @@ def minixcept_outputs(pair, x):
 def keras_runner(pair):
     """A function x -> [output of every layer of Keras's base (the input left out), then of its head]."""
     import keras
-    probe = keras.Model(pair.keras_base.input, [layer.output for layer in pair.keras_base.layers[1:]])
+    probe = keras.Model(pair.keras_base.input, [layer.output for layer in _without_inputs(pair.keras_base.layers)])
 
     def run(x):
         outputs = [np.asarray(value) for value in probe(x, training=False)]
@@ -224,7 +242,7 @@ def keras_runner(pair):
 def layer_names(pair):
     """minixcept's layer names in order, after checking that both sides list the same kinds of layer."""
     ours = pair.base.layers + (pair.head.layers if pair.head is not None else [])
-    theirs = list(pair.keras_base.layers[1:]) + list(pair.keras_head)
+    theirs = _without_inputs(pair.keras_base.layers) + list(pair.keras_head)
     kinds = [(type(a).__name__, type(b).__name__) for a, b in zip(ours, theirs)]
     if len(ours) != len(theirs) or any(a != b for a, b in kinds):
         first = next((i for i, (a, b) in enumerate(kinds) if a != b), min(len(ours), len(theirs)))
