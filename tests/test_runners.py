@@ -23,7 +23,7 @@ from minixcept.engines import inference, training
 from minixcept.model import Model
 from minixcept.workflows.finetune import FineTuneModel
 from minixcept.workflows.fit import Progress, fit
-from test_fast_paths import chain, plain_forward, randomise
+from test_inference_engine import chain, plain_forward, randomise
 
 TOLERANCE = 1e-5
 

@@ -3,7 +3,7 @@
 The layers in ``minixcept.layers`` compute exactly what the textbook says, one
 layer at a time, each allocating its output. That is the version to read. For
 inference (``Model.predict``) this module runs the same mathematics with the
-work rearranged; tests/test_fast_paths.py checks every step against the plain
+work rearranged; tests/test_inference_engine.py checks every step against the plain
 layers. ``InferenceEngine(model)`` reads the model's nodes and plans a shorter
 list of *steps*:
 

@@ -2,7 +2,7 @@
 
 ``minixcept.engines.inference`` speeds up inference; this module does the same for the pass that
 training needs, where every layer must keep what its backward step reads and every
-weight gets a gradient. The mathematics is the layers' own; tests/test_fastgrad.py
+weight gets a gradient. The mathematics is the layers' own; tests/test_training_engine.py
 checks the outputs, the input gradient and every weight's gradient against
 ``model.forward`` + ``model.backward``. What changes:
 

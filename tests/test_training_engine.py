@@ -1,7 +1,7 @@
 """The training engine of minixcept.engines.training against the plain layers it must match.
 
-Each fast layer pair (forward, backward) is compared with the layer's own ``_forward`` /
-``_backward`` on the same random weights and inputs, in float32, with tiles forced tiny so
+Each fast layer pair (forward, backward) is compared with the layer's own ``forward_step`` /
+``backward_step`` on the same random weights and inputs, in float32, with tiles forced tiny so
 that tile edges and halo rows are crossed: outputs, input gradients and weight gradients
 within max|a - b| / max|b| <= 1e-5. The whole engine (threads sharing out the batch, the
 weight gradients added up) is compared with ``model.forward`` + ``model.backward`` on a small
@@ -16,12 +16,12 @@ import pytest
 
 import minixcept
 from conftest import relative_error
-from minixcept.engines import kernels, training as fastgrad
+from minixcept.engines import training as fastgrad
 from minixcept import layers as L
 from minixcept.engines.plan import GraphPlan
 from minixcept.engines.training import GradientEngine
 from minixcept.model import Model
-from test_fast_paths import chain, randomise, use_tiles
+from test_inference_engine import chain, randomise, use_tiles
 
 TOLERANCE = 1e-5
 FLOAT64_TOLERANCE = 1e-10
@@ -47,9 +47,9 @@ def built(layer, input_shape, rng):
 
 def assert_pair_matches_plain(layer, forward, backward, x, rng, training=False):
     """The fast pair against the layer's own pair: output, input gradient, weight gradients."""
-    expected_y, cache = layer._forward(x, training)
+    expected_y, cache = layer.forward_step(x, training)
     dy = rng.standard_normal(expected_y.shape).astype(x.dtype)
-    expected_dx, expected_grads = layer._backward(dy, cache)
+    expected_dx, expected_grads = layer.backward_step(dy, cache)
     result = forward(layer, x, training)
     assert result is not None, f'the fast path does not take {layer}'
     y, fast_cache = result
@@ -125,15 +125,15 @@ def test_batch_norm_folded_into_the_convolution_matches_plain(tiles, rng, convol
         elif name != 'bias':
             weights[..., :3] = np.abs(weights[..., :3])
     x = (rng.standard_normal((3, 9, 10, 4)) + 5).astype(np.float32)
-    u, conv_cache = conv._forward(x, False)
+    u, conv_cache = conv.forward_step(x, False)
     mean, std = u.mean(axis=(0, 1, 2)), u.std(axis=(0, 1, 2))
     assert (np.abs(mean) / std).max() > 5                  # ... several standard deviations
     bn = built(L.BatchNormalization(), u.shape, rng)
     bn.set_weights([rng.uniform(0.5, 1.5, len(mean)), rng.normal(0, 0.2, len(mean)), mean, std ** 2])
-    expected_y, bn_cache = bn._forward(u, False)
+    expected_y, bn_cache = bn.forward_step(u, False)
     dy = rng.standard_normal(expected_y.shape).astype(np.float32)
-    du, expected_bn_grads = bn._backward(dy, bn_cache)
-    expected_dx, expected_conv_grads = conv._backward(du, conv_cache)
+    du, expected_bn_grads = bn.backward_step(dy, bn_cache)
+    expected_dx, expected_conv_grads = conv.backward_step(du, conv_cache)
     forward, backward = fastgrad.FAST_LAYERS[type(conv)][0]
     y, cache = forward(conv, x, False, bn=fastgrad.FoldedBatchNorm(bn))
     dx, grads = backward(conv, dy, cache)
@@ -176,11 +176,11 @@ def test_relu_fused_into_separable_matches_plain(tiles, rng, kernel_size, paddin
     conv = built(L.SeparableConv2D(6, kernel_size, padding=padding), (3, 9, 10, 5), rng)
     x = rng.standard_normal((3, 9, 10, 5)).astype(np.float32)
     x[:, ::4] = 0
-    r, relu_cache = relu._forward(x, False)
-    expected_y, conv_cache = conv._forward(r, False)
+    r, relu_cache = relu.forward_step(x, False)
+    expected_y, conv_cache = conv.forward_step(r, False)
     dy = rng.standard_normal(expected_y.shape).astype(np.float32)
-    dr, expected_grads = conv._backward(dy, conv_cache)
-    expected_dx, _ = relu._backward(dr, relu_cache)
+    dr, expected_grads = conv.backward_step(dy, conv_cache)
+    expected_dx, _ = relu.backward_step(dr, relu_cache)
     y, cache = fastgrad.fast_separable_forward(conv, x, False, relu=True)
     dx, grads = fastgrad.fast_separable_backward(conv, dy, cache)
     assert relative_error(y, expected_y) <= TOLERANCE
@@ -202,7 +202,7 @@ def test_max_pool_matches_plain(tiles, rng, side, pool_size, strides, padding):
     x = rng.standard_normal((3, side, side, 4)).astype(np.float32)
     x[:, ::3, ::2] = 0.5                                   # ties: the first in the window wins
     assert_pair_matches_plain(layer, fastgrad.fast_max_pool_forward, fastgrad.fast_max_pool_backward, x, rng)
-    np.testing.assert_array_equal(fastgrad.fast_max_pool_forward(layer, x, False)[0], layer._forward(x, False)[0])
+    np.testing.assert_array_equal(fastgrad.fast_max_pool_forward(layer, x, False)[0], layer.forward_step(x, False)[0])
 
 
 @pytest.mark.parametrize('shape', [(3, 5, 6, 4), (7, 5)])
@@ -218,25 +218,6 @@ def test_relu_matches_plain(rng, shape):
 def test_batch_norm_on_batch_statistics_is_left_to_the_layer(rng):
     layer = built(L.BatchNormalization(), (3, 7, 6, 5), rng)
     assert fastgrad.fast_batch_norm_forward(layer, np.ones((3, 7, 6, 5), np.float32), True) is None
-
-
-def test_depthwise_helpers_against_a_naive_loop(rng):
-    """depthwise_rows and depthwise_kernel_gradient on uneven padding, element by element."""
-    x = rng.standard_normal((2, 6, 5, 3))
-    dz = rng.standard_normal((2, 6, 4, 3))                   # kernel 2x3, pads (1, 0) rows, (0, 1) cols
-    kernel = rng.standard_normal((2, 3, 3))
-    pads = ((1, 0), (0, 1))
-    x_pad = np.pad(x, ((0, 0), (1, 0), (0, 1), (0, 0)))
-    expected = np.zeros_like(dz)
-    expected_dk = np.zeros_like(kernel)
-    for i in range(6):
-        for j in range(4):
-            expected[:, i, j] = (x_pad[:, i:i + 2, j:j + 3] * kernel).sum(axis=(1, 2))
-            expected_dk += np.einsum('npqc,nc->pqc', x_pad[:, i:i + 2, j:j + 3], dz[:, i, j])
-    got = kernels.depthwise_rows(x, kernel, pads, np.empty_like(dz))
-    np.testing.assert_allclose(got, expected, rtol=1e-12, atol=1e-12)
-    np.testing.assert_allclose(kernels.depthwise_kernel_gradient(x, dz, (2, 3), pads), expected_dk,
-                               rtol=1e-12, atol=1e-12)
 
 
 # -- the engine -----------------------------------------------------------------------------------
@@ -317,7 +298,7 @@ def test_batch_norm_on_batch_statistics_alone_matches_plain(rng):
     x = rng.normal(0.3, 2.0, (3, 7, 6, 5)).astype(np.float32)
     assert_pair_matches_plain(layer, fastgrad.fast_batch_norm_train_forward, fastgrad.fast_batch_norm_train_backward, x,
                               rng, training=True)
-    plain._forward(x, True)
+    plain.forward_step(x, True)
     fastgrad.fast_batch_norm_train_forward(fast, x, True)
     for name in ('moving_mean', 'moving_variance'):
         assert not np.allclose(fast.params[name], initial.params[name])        # they did move ...

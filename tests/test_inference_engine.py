@@ -16,10 +16,8 @@ from conftest import relative_error
 from minixcept import layers as L
 from minixcept.engines import inference as fast, kernels
 from minixcept.engines.inference import InferenceEngine
-from minixcept.engines.kernels import depthwise_tile, gather_rows, max_pool_tile
 from minixcept.layers.base import no_grad
 from minixcept.model import Model
-from minixcept.padding import window_geometry
 
 TOLERANCE = 1e-5
 
@@ -224,47 +222,6 @@ def test_predict_fast_equals_plain(xp, rng):
     plain_features = model.predict(x, batch_size=2, fast=False)
     assert isinstance(fast_features, np.ndarray) and fast_features.shape == (5, 2048)
     assert relative_error(fast_features, plain_features) <= TOLERANCE
-
-
-# -- the tile kernels against naive loops -------------------------------------------------------
-
-@pytest.mark.parametrize('method', ['multiply-adds', 'einsum'])
-def test_depthwise_tile_matches_a_naive_loop(monkeypatch, rng, method):
-    """gather_rows + depthwise_tile for rows 2..5 of a 'same' 3x3 stride-2 convolution, against
-    the definition written as loops; by separate multiplies and adds, and by one einsum (which
-    the tile takes from EINSUM_MIN_CHANNELS channels on)."""
-    monkeypatch.setattr(kernels, 'EINSUM_MIN_CHANNELS', 1 if method == 'einsum' else 10 ** 9)
-    x = rng.standard_normal((1, 9, 8, 3)).astype(np.float32)
-    kernel = rng.standard_normal((3, 3, 3, 1)).astype(np.float32)
-    (out_h, out_w), pads = window_geometry((9, 8), (3, 3), (2, 2), 'same')
-    top, bottom = 2, 5
-    x_tile = np.empty((1, (bottom - top - 1) * 2 + 3, 8 + sum(pads[1]), 3), np.float32)
-    rows_in = gather_rows(x, slice(0, 1), top, bottom, 3, 2, pads, x_tile)
-    out = np.empty((1, bottom - top, out_w, 3), np.float32)
-    depthwise_tile(rows_in, kernels.along_width(kernel[:, :, :, 0], out_w), (2, 2), out, np.empty_like(out))
-    x_padded = np.pad(x, ((0, 0), pads[0], pads[1], (0, 0)))
-    for i in range(top, bottom):
-        for j in range(out_w):
-            for c in range(3):
-                expected = sum(x_padded[0, 2 * i + p, 2 * j + q, c] * kernel[p, q, c, 0]
-                               for p in range(3) for q in range(3))
-                assert abs(out[0, i - top, j, c] - expected) <= 1e-5 * max(1.0, abs(expected))
-
-
-def test_max_pool_tile_matches_a_naive_loop(rng):
-    x = rng.standard_normal((2, 7, 7, 2)).astype(np.float32)
-    (out_h, out_w), pads = window_geometry((7, 7), (3, 3), (2, 2), 'same')
-    x_tile = np.empty((2, (out_h - 1) * 2 + 3, 7 + sum(pads[1]), 2), np.float32)
-    padded = gather_rows(x, slice(0, 2), 0, out_h, 3, 2, pads, x_tile, fill=-np.inf)
-    out = np.empty((2, out_h, out_w, 2), np.float32)
-    max_pool_tile(padded, (3, 3), (2, 2), out, np.empty((2, padded.shape[1], out_w, 2), np.float32))
-    (top, _), (left, _) = pads
-    for n in range(2):
-        for i in range(out_h):
-            for j in range(out_w):
-                rows = slice(max(2 * i - top, 0), 2 * i - top + 3)
-                cols = slice(max(2 * j - left, 0), 2 * j - left + 3)
-                assert np.array_equal(out[n, i, j], x[n, rows, cols].max(axis=(0, 1)))
 
 
 def test_memory_is_reused_and_outputs_let_go(rng):
