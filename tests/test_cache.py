@@ -124,9 +124,11 @@ def test_sigkill_while_writing_batches_then_a_rerun_gives_the_same_bits(catdog, 
 
 def test_two_processes_extracting_into_one_cache_both_finish_and_compute_each_split_once(
         catdog, uninterrupted, tmp_path):
+    # Slowed down so that each holds a split's lock >= 4 s: started together, they overlap
+    # even when one starts a few seconds late on a loaded machine.
     cache = tmp_path / 'cache'
-    first = start_example(catdog, tmp_path / 'first', cache, SECONDS_PER_BATCH)
-    second = start_example(catdog, tmp_path / 'second', cache, SECONDS_PER_BATCH)
+    first = start_example(catdog, tmp_path / 'first', cache, 2 * SECONDS_PER_BATCH)
+    second = start_example(catdog, tmp_path / 'second', cache, 2 * SECONDS_PER_BATCH)
     (_, first_err), (_, second_err) = finish(first), finish(second)
     reports = [report_of(tmp_path / 'first'), report_of(tmp_path / 'second')]
 
