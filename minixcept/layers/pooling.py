@@ -14,6 +14,12 @@ output value in the forward pass, and the backward pass is a loop over the
 offsets with strided slices, like the convolutions:
 
     dx_pad[n, i*sh + p, j*sw + q, c] += dy[n, i, j, c]   where argmax[n, i, j, c] == p * kw + q
+
+Xception pools 3x3 at stride 2, so neighbouring windows share a row or column: an input
+that wins two windows receives both gradients, which the += adds.
+
+Global max pooling follows TensorFlow's reduce_max instead, which shares dy equally among
+tied maxima (the mean of the valid choices); ties there are rare outside all-zero channels.
 """
 import numpy as np
 
