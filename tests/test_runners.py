@@ -55,6 +55,23 @@ def test_predict_keeps_one_engine_and_its_memory(rng):
     assert relative_error(second, plain_forward(model, x)) <= TOLERANCE
 
 
+def test_a_kept_engine_does_not_keep_its_model_alive(rng):
+    """The engines kept per model go when the model goes: they hold it only weakly."""
+    import gc
+    import weakref
+    model = small_network(rng)
+    x = rng.standard_normal((4, 9, 9, 3)).astype(np.float32)
+    model.predict(x)
+    engine = training.engine_for(model)
+    engine.forward(x, training=True)
+    engine.backward(np.ones((4, 1), np.float32))
+    engine.forward(x, training=False)
+    gone = weakref.ref(model)
+    del model, engine
+    gc.collect()
+    assert gone() is None
+
+
 def _sgd_step(model, x):
     model.forward(x, training=False)
     model.backward(np.ones((len(x), 1), np.float32))

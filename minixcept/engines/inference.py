@@ -51,7 +51,6 @@ buffer pools, for ``Model.predict``.
     print(engine.describe())                       # which layers each step runs
 """
 import contextlib
-import weakref
 
 import numpy as np
 
@@ -59,6 +58,7 @@ from ..backend import get_array_module
 from ..layers import Add, Conv2D, DepthwiseConv2D, MaxPooling2D, PointwiseConv2D, SeparableConv2D
 from ..layers.base import no_grad
 from ..padding import window_geometry
+from . import Engine, KeptPerModel
 from .kernels import (ONE_THREAD, BufferPool, along_width, bias_and_relu, depthwise_tile, engine_workers, extent,
                       gather_rows, im2col_tile, max_pool_tile, plan_blocks, single_threaded_blas)
 from .plan import Fusion, GraphPlan, Kernels, is_relu, weights_versions
@@ -318,19 +318,9 @@ def plan(model, keep=(), start_after=None, stop_after=None):
     return steps, release
 
 
-def engine_for(model):
-    """The ``InferenceEngine`` kept for ``model`` (made on first use; its buffer pools live as
-    long as the model): what ``Model.predict`` runs."""
-    engine = _kept.get(model)
-    if engine is None:
-        engine = _kept[model] = InferenceEngine(model)
-    return engine
 
 
-_kept = weakref.WeakKeyDictionary()
-
-
-class InferenceEngine:
+class InferenceEngine(Engine):
     """A model's inference forward pass, planned into fused steps (see the module docstring).
 
     model: a built ``Model``. threads: how many threads run a NumPy batch, while the BLAS
@@ -348,7 +338,7 @@ class InferenceEngine:
     """
 
     def __init__(self, model, threads=None):
-        self.model = model
+        super().__init__(model)
         self.workers = engine_workers(threads)
         self.threads = self.workers.threads
         self.buffers = [BufferPool() for _ in range(self.threads)]        # one pool per share
@@ -430,3 +420,8 @@ class InferenceEngine:
         """One line per step: the layers it runs."""
         return '\n'.join(f'{i:3d}  {type(step).__name__:17s} {step.describe()}'
                          for i, step in enumerate(self.steps))
+
+
+# The ``InferenceEngine`` kept for ``model`` (made on first use, with its buffer pools, kept
+# as long as the model lives): what ``Model.predict`` runs.
+engine_for = KeptPerModel(InferenceEngine)

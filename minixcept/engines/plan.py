@@ -78,7 +78,8 @@ class GraphPlan:
     """
 
     def __init__(self, model, training=False, keep=(), start_after=None, stop_after=None):
-        self.model, self.training = model, training
+        self.training = training
+        self.all_nodes = model.nodes             # not the model: an engine keeps plans, not its model
         self.first, self.last = model.stretch(start_after, stop_after)
         self.nodes = model.nodes[self.first:self.last + 1]
         self.positions = range(self.first, self.last + 1)
@@ -93,7 +94,7 @@ class GraphPlan:
         reading = self.readers.get(name, [])
         if name in self.keep or len(reading) != 1:
             return None
-        reader = self.model.nodes[reading[0]]
+        reader = self.all_nodes[reading[0]]
         return reader if isinstance(reader.layer, kind) else None
 
     def fusions(self, kernels):

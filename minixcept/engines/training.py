@@ -56,7 +56,6 @@ on either. ``engine_for(model)`` keeps one engine per model.
 """
 import contextlib
 import threading
-import weakref
 
 import numpy as np
 
@@ -64,6 +63,7 @@ from ..layers import Activation, Add, BatchNormalization, Conv2D, Dropout, MaxPo
 from ..layers.base import grad_enabled
 from ..layers.pooling import max_pool2d_backward
 from ..padding import window, window_geometry
+from . import Engine, KeptPerModel
 from .kernels import (BufferPool, along_width, backward_pads, conv_kernel_gradient, conv_rows, depthwise_kernel_gradient,
                       depthwise_rows, done_with, engine_workers, extent, gather_rows, lending_from,
                       max_pool_tile_with_argmax, new_array, new_like, single_threaded_blas, tiles_of)
@@ -457,21 +457,11 @@ def plan_fusion(graph):
     return fused, absorbed
 
 
-def engine_for(model):
-    """The ``GradientEngine`` kept for ``model`` (made on first use, with its buffer pools):
-    what ``workflows.fit`` and fine-tuning run on."""
-    engine = _kept.get(model)
-    if engine is None:
-        engine = _kept[model] = GradientEngine(model)
-    return engine
-
-
-_kept = weakref.WeakKeyDictionary()
 
 
 # -- the engine -----------------------------------------------------------------------------------
 
-class GradientEngine:
+class GradientEngine(Engine):
     """A model's forward and backward pass for training, faster on the CPU (see the module
     docstring). Same results as ``model.forward`` / ``model.backward`` up to float32
     rounding: the output, the input gradient, and each layer's ``grads``. It runs on the
@@ -486,7 +476,7 @@ class GradientEngine:
     """
 
     def __init__(self, model, threads=None):
-        self.model = model
+        super().__init__(model)
         self.workers = engine_workers(threads)
         self.threads = self.workers.threads
         # Share i's outputs, caches and gradients come from buffers[i], kept from pass to pass:
@@ -685,3 +675,8 @@ class GradientEngine:
             layer.grads = parts[0]
         dxs = [dx for dx, _ in results]
         return dxs[0] if len(dxs) == 1 else np.concatenate(dxs)
+
+
+# The ``GradientEngine`` kept for ``model`` (made on first use, with its buffer pools, kept
+# as long as the model lives): what ``workflows.fit`` and fine-tuning run on.
+engine_for = KeptPerModel(GradientEngine)
