@@ -7,7 +7,9 @@ arrays go: weights set with ``set_weights`` and inputs passed through
 ``to_device``.
 
 Pick the backend with the environment variable ``MINIXCEPT_BACKEND=numpy|cupy``
-or at run time with ``minixcept.use('cupy')``.
+or at run time with ``minixcept.use('cupy')``. A choice in the environment that cannot
+be honoured (no CuPy, no GPU, an unknown name) does not stop ``import minixcept``: it is
+raised as a BackendError when the backend is first used, unless ``use`` chose another.
 """
 import os
 
@@ -16,6 +18,7 @@ import numpy
 _BACKENDS = ('numpy', 'cupy')
 _cupy = None          # the cupy module once imported and checked
 _current = 'numpy'
+_env_error = None     # why MINIXCEPT_BACKEND could not be used, until use() chooses again
 
 
 class BackendError(RuntimeError):
@@ -54,12 +57,12 @@ def gpu_available():
 
 def use(name):
     """Make ``name`` ('numpy' or 'cupy') the backend for new arrays."""
-    global _current
+    global _current, _env_error
     if name not in _BACKENDS:
         raise ValueError(f"unknown backend {name!r}: choose one of {_BACKENDS}")
     if name == 'cupy':
         _load_cupy()
-    _current = name
+    _current, _env_error = name, None
 
 
 def current():
@@ -69,6 +72,8 @@ def current():
 
 def xp():
     """The array module of the current backend."""
+    if _env_error is not None:
+        raise _env_error
     return _load_cupy() if _current == 'cupy' else numpy
 
 
@@ -103,4 +108,8 @@ def to_device(x, dtype=None):
 
 _env_choice = os.environ.get('MINIXCEPT_BACKEND', '').strip().lower()
 if _env_choice:
-    use(_env_choice)
+    try:
+        use(_env_choice)
+    except (BackendError, ValueError) as error:
+        _env_error = BackendError(f'MINIXCEPT_BACKEND={_env_choice}: {error}; '
+                                  "unset it, or choose with minixcept.use('numpy')")

@@ -80,12 +80,13 @@ def test_cupy_without_a_gpu_raises_a_clear_backend_error():
 
 
 def backend_chosen_by(value):
-    """Import minixcept in a fresh interpreter with MINIXCEPT_BACKEND=value."""
+    """Import minixcept in a fresh interpreter with MINIXCEPT_BACKEND=value and use the backend
+    (a choice that cannot be honoured fails there, not at import)."""
     env = dict(os.environ)
     env.pop('MINIXCEPT_BACKEND', None)
     if value is not None:
         env['MINIXCEPT_BACKEND'] = value
-    return subprocess.run([sys.executable, '-c', 'import minixcept.backend as b; print(b.current())'],
+    return subprocess.run([sys.executable, '-c', 'import minixcept.backend as b; b.xp(); print(b.current())'],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
 
 
@@ -106,7 +107,7 @@ def test_environment_variable_selects_cupy():
         assert 'BackendError' in result.stderr and "backend 'cupy'" in result.stderr
 
 
-def test_environment_variable_with_an_unknown_name_fails_at_import():
+def test_environment_variable_with_an_unknown_name_fails_when_used():
     result = backend_chosen_by('tensorflow')
     assert result.returncode != 0
     assert "unknown backend 'tensorflow'" in result.stderr
