@@ -73,8 +73,14 @@ class Model:
     # -- computation -----------------------------------------------------------
     def check_input(self, x, start_after=None):
         """Raise ShapeError unless ``x`` has the shape the model (or the stretch after
-        ``start_after``) takes: a batch axis, then the input shape, None matching any size."""
+        ``start_after``) takes: a batch axis, then the input shape, None matching any size;
+        TypeError unless it holds floating-point numbers."""
         self.check_input_shape(tuple(x.shape), start_after)
+        # Keras would cast integers to float32; pixels in [0, 255] are then the wrong input
+        # anyway, and a silent cast hides the missing preprocess_input, so say so instead.
+        if x.dtype.kind != 'f':
+            raise TypeError(f"model {self.name!r} expects floating-point input, got {x.dtype}: photos go "
+                            "through minixcept.preprocess_input first (it scales [0, 255] to [-1, 1] as float32)")
 
     def check_input_shape(self, shape, start_after=None):
         expected = self.input_shape if start_after is None else self._shapes[start_after][1:]
@@ -114,8 +120,8 @@ class Model:
             for name in node.inputs:
                 if last_use[name] == position:
                     del tensors[name]
-        self._last_run = (first, last, start_after or 'input')
         y = tensors[names[-1]]
+        self._last_run = (first, last, start_after or 'input', tuple(y.shape))
         return (y, captured) if capture is not None else y
 
     __call__ = forward
@@ -129,7 +135,12 @@ class Model:
         input is complete and returns it. Where that tensor fans out, that is after every
         layer of the stretch that reads it has run its backward: the gradients add up.
         """
-        first, last, start = getattr(self, '_last_run', (0, len(self.nodes) - 1, 'input'))
+        if not hasattr(self, '_last_run'):
+            raise RuntimeError(f"model {self.name!r}: backward needs a forward pass first")
+        first, last, start, output_shape = self._last_run
+        if tuple(dy.shape) != output_shape:
+            raise ShapeError(f"model {self.name!r}: backward expects dy of the last forward's output shape "
+                             f"{output_shape}, got {tuple(dy.shape)}")
         stop_position, stop_tensor = self.backward_stop(stop_at, first, last)
         pending = {self.nodes[last].layer.name: dy}
         for position in range(last, stop_position - 1, -1):
