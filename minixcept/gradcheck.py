@@ -70,8 +70,28 @@ def check_gradients(forward, backward, arrays, dout, eps=1e-6):
 def check_layer(layer, x, training=False, seed=0, eps=1e-6):
     """Check a layer's input and parameter gradients; returns {'input': err, weight name: err}.
 
-    The layer is built for ``x`` if needed and cast to float64; ``dout`` is standard normal.
+    The layer is built for ``x`` if needed and run in float64; ``dout`` is standard normal.
+    Afterwards the layer is exactly as it was: its dtype, weights, moving statistics, grads
+    and caches are put back (a check with ``training=True`` would otherwise move a
+    batch-norm's moving statistics), so any layer of a working model can be checked.
     """
+    attributes = dict(layer.__dict__)
+    dict_contents = {name: dict(value) for name, value in attributes.items() if isinstance(value, dict)}
+    param_values = {name: array.copy() for name, array in layer.params.items()}
+    try:
+        return _check_layer_in_float64(layer, x, training, seed, eps)
+    finally:
+        # the same objects back (a model or an engine may hold them), with their old values
+        layer.__dict__.clear()
+        layer.__dict__.update(attributes)
+        for name, contents in dict_contents.items():
+            attributes[name].clear()
+            attributes[name].update(contents)
+        for name, values in param_values.items():
+            layer.params[name][...] = values
+
+
+def _check_layer_in_float64(layer, x, training, seed, eps):
     xp = get_array_module(x)
     x = x.astype(np.float64)
     if not layer.built:
