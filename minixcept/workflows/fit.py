@@ -20,6 +20,7 @@ or on its plain layers (``fast=False``). Anything else with ``forward``, ``backw
 ``layers`` (a ``FineTuneModel``, an engine) trains as it is. During an epoch a line on
 stderr says how far it got (batches, photos per second, time left), as Keras's fit does.
 """
+import math
 import sys
 import time
 from dataclasses import dataclass, field
@@ -39,10 +40,13 @@ class History:
     epochs: one dict per epoch: epoch (from 1), loss, accuracy, and, with validation data,
     val_loss and val_accuracy, plus seconds. best_epoch: the epoch (from 1) with the lowest
     validation loss (the last one without validation data), whose weights the model holds
-    after ``fit`` when ``restore_best_weights`` is on.
+    after ``fit`` when ``restore_best_weights`` is on; None when no epoch ended with finite
+    losses. stopped: why training stopped before the last epoch (a loss that became NaN or
+    infinite), or None.
     """
     epochs: list = field(default_factory=list)
     best_epoch: int = None
+    stopped: str = None
 
     def metric(self, name):
         """One metric over the epochs, e.g. ``history.metric('val_loss')``."""
@@ -50,7 +54,8 @@ class History:
 
     @property
     def best(self):
-        return self.epochs[self.best_epoch - 1]
+        """The best epoch's record, or None when there is none."""
+        return None if self.best_epoch is None else self.epochs[self.best_epoch - 1]
 
 
 def predicted_classes(outputs, loss):
@@ -127,8 +132,10 @@ def _batch(x, y, indices):
 def evaluate(model, x, y, loss, batch_size=256, fast=True):
     """Mean loss and accuracy of ``model`` on (x, y) in inference mode: ``{'loss', 'accuracy'}``.
 
-    x: (N, ...) inputs; y: (N,) class indices. fast: as in ``fit``.
+    x: (N, ...) inputs; y: (N,) class indices, N >= 1. fast: as in ``fit``.
     """
+    if len(x) == 0:
+        raise ValueError('evaluate: no examples to evaluate (x is empty)')
     model = runner_for(model, fast)
     total_loss, correct = 0.0, 0
     with no_grad():
@@ -165,10 +172,20 @@ def fit(model, x, y, loss, optimizer, epochs, batch_size=32, validation_data=Non
     fast: train a ``Model`` on the training engine kept for it (see the module docstring).
     verbose: 1 writes the progress within each epoch to ``progress_stream`` (stderr by default)
     at most every ``progress_interval`` seconds (``Progress``); 0 writes none.
+
+    A training or validation loss that becomes NaN or infinite stops training (the weights
+    diverged; more steps would only spread the NaN): ``history.stopped`` says why, and with
+    ``restore_best_weights`` the model gets back the weights of its best finite epoch, or
+    those it started with when no epoch ended finite.
     """
+    if epochs < 1 or batch_size < 1:
+        raise ValueError(f'fit: epochs and batch_size must be at least 1, got {epochs} and {batch_size}')
+    if len(x) == 0:
+        raise ValueError('fit: no training examples (x is empty)')
     model = runner_for(model, fast)
     order_rng = np.random.default_rng(seed)
-    history, best_snapshot, best_loss = History(), None, np.inf
+    history, best_loss = History(), np.inf
+    best_snapshot = _snapshot(model) if restore_best_weights else None     # the start, until an epoch beats it
     n_batches = max(1, -(-len(x) // batch_size))
     for epoch in range(1, epochs + 1):
         started = time.monotonic()
@@ -178,7 +195,11 @@ def fit(model, x, y, loss, optimizer, epochs, batch_size=32, validation_data=Non
         for done, batch_indices in enumerate(np.array_split(order_rng.permutation(len(x)), n_batches), 1):
             xb, yb = _batch(x, y, batch_indices)
             outputs = model.forward(xb, training=True)
-            total_loss += float(loss.forward(outputs, yb)) * len(batch_indices)
+            batch_loss = float(loss.forward(outputs, yb))
+            if not math.isfinite(batch_loss):       # diverged: more steps only spread the NaN
+                history.stopped = f'the training loss became {batch_loss} in epoch {epoch}'
+                break
+            total_loss += batch_loss * len(batch_indices)
             correct += int((predicted_classes(outputs, loss) == yb.reshape(-1)).sum())
             model.backward(loss.backward(), stop_at=stop_at)
             optimizer.apply_gradients(model.layers)
@@ -187,25 +208,31 @@ def fit(model, x, y, loss, optimizer, epochs, batch_size=32, validation_data=Non
                 progress.update(done, seen)
         if progress is not None:
             progress.finish(n_batches, seen)
+        if history.stopped:
+            break
         record = {'epoch': epoch, 'loss': total_loss / len(x), 'accuracy': correct / len(x)}
         if validation_data is not None:
             scores = evaluate(model, *validation_data, loss)
             record.update(val_loss=scores['loss'], val_accuracy=scores['accuracy'])
         record['seconds'] = time.monotonic() - started
         history.epochs.append(record)
+        if not math.isfinite(record.get('val_loss', 0.0)):
+            history.stopped = f"the validation loss became {record['val_loss']} after epoch {epoch}"
 
-        improved = validation_data is not None and record['val_loss'] < best_loss
+        # without validation data every finite epoch is the best so far: the last one is kept
+        improved = not history.stopped and record.get('val_loss', -np.inf) < best_loss
         if improved:
-            best_loss, history.best_epoch = record['val_loss'], epoch
+            best_loss, history.best_epoch = record.get('val_loss', best_loss), epoch
             if restore_best_weights:
                 best_snapshot = _snapshot(model)
-        elif validation_data is None:
-            history.best_epoch = epoch              # nothing to choose by: the last epoch
         if log is not None:
-            log(_epoch_line(record, epochs, improved))
-    if history.best_epoch is None:                  # validation loss never a number (NaN)
-        history.best_epoch = epochs
-    if restore_best_weights and best_snapshot is not None:
+            log(_epoch_line(record, epochs, improved and validation_data is not None))
+        if history.stopped:
+            break
+    if history.stopped and log is not None:
+        kept = f'epoch {history.best_epoch}' if history.best_epoch else 'the start (no epoch ended finite)'
+        log(f'stopped: {history.stopped}; the weights are those of {kept}')
+    if restore_best_weights and (history.stopped or validation_data is not None):
         _restore(model, best_snapshot)
     return history
 
