@@ -15,11 +15,13 @@ Keras's ``image_dataset_from_directory`` expects::
 """
 import io
 import os
+import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from ..xception import preprocess_input  # noqa: F401  (offered beside the loading it follows)
 
@@ -87,7 +89,16 @@ def load_image(path, target_size=None, interpolation='bilinear'):
     if not data:
         raise ImageDecodeError(path, 'empty file')
     try:
-        image = Image.open(io.BytesIO(data))
+        with warnings.catch_warnings():                 # a bomb is refused below, with its size
+            warnings.simplefilter('ignore', Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))        # reads the header only
+        width, height = image.size
+    except Exception as error:   # Pillow's decoders raise OSError, SyntaxError, struct.error, ...
+        raise ImageDecodeError(path, f'cannot be decoded ({_describe(error)})') from error
+    if Image.MAX_IMAGE_PIXELS and width * height > Image.MAX_IMAGE_PIXELS:
+        raise ImageDecodeError(path, f'{width} x {height} pixels, more than the {Image.MAX_IMAGE_PIXELS:,} '
+                                     'Pillow decodes safely (a decompression bomb?)')
+    try:
         if image.mode != 'RGB':
             image = image.convert('RGB')
         if target_size is not None:
@@ -95,9 +106,17 @@ def load_image(path, target_size=None, interpolation='bilinear'):
             if image.size != width_height:
                 image = image.resize(width_height, INTERPOLATIONS[interpolation])
         pixels = np.asarray(image, dtype=np.uint8)                          # decoding happens here at the latest
-    except Exception as error:   # Pillow's decoders raise OSError, SyntaxError, struct.error, ...
-        raise ImageDecodeError(path, f'cannot be decoded ({type(error).__name__}: {error})') from error
+    except Exception as error:
+        raise ImageDecodeError(path, f'cannot be decoded ({_describe(error)})') from error
     return pixels
+
+
+def _describe(error):
+    """'Type: message' for a decoding error, without the memory address of an in-memory file
+    (``<_io.BytesIO object at 0x...>``): it differs on every run and says nothing to a reader."""
+    if isinstance(error, UnidentifiedImageError):
+        return 'UnidentifiedImageError: not in a format Pillow can read'
+    return f"{type(error).__name__}: {re.sub(r'<[^<>]* at 0x[0-9a-fA-F]+>', 'the file', str(error))}"
 
 
 def load_batch(paths, image_size, interpolation='bilinear'):
@@ -142,31 +161,97 @@ class ImageFolder:
 
     files: paths of the photos, class by class, sorted within each class.
     labels: (N,) int64, the index of each photo's class in ``class_names``.
+    skipped: ``[(path, reason)]`` for files named as photos that cannot be one (empty, a broken
+    link, not a regular file, unreadable); ignored: ``[(path, reason)]`` for entries that are
+    not photos (hidden, another extension, a link to a folder). See ``photo_or_skip``.
     """
     root: Path
     class_names: list
     files: list = field(default_factory=list)
     labels: np.ndarray = None
+    skipped: list = field(default_factory=list)
+    ignored: list = field(default_factory=list)
 
     def __len__(self):
         return len(self.files)
 
     def limit(self, per_class):
-        """The first ``per_class`` photos of each class (for quick runs)."""
+        """The first ``per_class`` (>= 1) photos of each class (for quick runs)."""
+        if int(per_class) < 1:
+            raise ValueError(f'limit: per_class must be at least 1, got {per_class}')
         keep = np.concatenate([np.flatnonzero(self.labels == label)[:per_class]
                                for label in range(len(self.class_names))])
-        return ImageFolder(self.root, self.class_names, [self.files[i] for i in keep], self.labels[keep])
+        return ImageFolder(self.root, self.class_names, [self.files[i] for i in keep], self.labels[keep],
+                           self.skipped, self.ignored)
+
+
+# What photo_or_skip decides for a directory entry.
+PHOTO, FOLDER, SKIP, IGNORE = 'photo', 'folder', 'skip', 'ignore'
+
+
+def photo_or_skip(entry):
+    """``(verdict, reason)`` for one ``os.DirEntry`` of a class folder; reason is None for a
+    photo or a folder.
+
+    verdict: PHOTO (listed; decoding may still fail later, with a reason of its own), FOLDER
+    (a real subfolder: its photos belong to the class, as in Keras), SKIP (named as a photo
+    but cannot be one: reported) or IGNORE (not a photo: hidden, another extension, a link to
+    a folder, which is not followed because it could loop). Decided from the name and the
+    file system alone, without opening the file: a FIFO named .jpg would block a reader.
+    """
+    if entry.name.startswith('.'):
+        return IGNORE, 'hidden'
+    if entry.is_dir(follow_symlinks=False):
+        return FOLDER, None
+    if entry.is_symlink() and entry.is_dir():
+        return IGNORE, 'a link to a folder (not followed: it could loop)'
+    if not entry.name.lower().endswith(IMAGE_EXTENSIONS):
+        return IGNORE, f"not a photo (extensions: {' '.join(IMAGE_EXTENSIONS)})"
+    if entry.is_symlink() and not os.path.exists(entry.path):
+        return SKIP, 'a broken link'
+    if not entry.is_file():
+        return SKIP, 'not a regular file'
+    if entry.stat().st_size == 0:
+        return SKIP, 'empty file (0 bytes)'
+    if not os.access(entry.path, os.R_OK):
+        return SKIP, 'cannot be read (no permission)'
+    return PHOTO, None
+
+
+def scan_photos(folder):
+    """Decide photo-or-skip for every entry under ``folder`` (subfolders too).
+
+    Returns ``(photos, skipped, ignored)``: the photo paths sorted, and ``(path, reason)``
+    lists for the rest (see ``photo_or_skip``). A subfolder that cannot be listed is skipped.
+    """
+    photos, skipped, ignored = [], [], []
+
+    def visit(directory):
+        try:
+            with os.scandir(directory) as scan:
+                entries = sorted(scan, key=lambda entry: entry.name)
+        except OSError as error:
+            skipped.append((str(directory), f'folder cannot be listed ({error.strerror or error})'))
+            return
+        for entry in entries:
+            try:
+                verdict, reason = photo_or_skip(entry)
+            except OSError as error:                  # vanished or unreachable while we looked
+                verdict, reason = SKIP, f'cannot be looked at ({error.strerror or error})'
+            if verdict == FOLDER:
+                visit(entry.path)
+            elif verdict == PHOTO:
+                photos.append(Path(entry.path))
+            else:
+                (skipped if verdict == SKIP else ignored).append((entry.path, reason))
+
+    visit(folder)
+    return sorted(photos), skipped, ignored
 
 
 def list_photos(folder):
-    """The photo files under ``folder`` (subfolders too), sorted; hidden files and other
-    extensions are left out."""
-    photos = []
-    for directory, subdirectories, names in os.walk(folder):
-        subdirectories[:] = sorted(d for d in subdirectories if not d.startswith('.'))
-        photos.extend(Path(directory) / name for name in names
-                      if not name.startswith('.') and name.lower().endswith(IMAGE_EXTENSIONS))
-    return sorted(photos)
+    """The photo files under ``folder`` (subfolders too), sorted; see ``scan_photos`` for the rest."""
+    return scan_photos(folder)[0]
 
 
 def image_folder(split_dir):
@@ -174,12 +259,14 @@ def image_folder(split_dir):
     split_dir = Path(split_dir)
     class_names = sorted(entry.name for entry in split_dir.iterdir()
                          if entry.is_dir() and not entry.name.startswith('.'))
-    files, labels = [], []
+    files, labels, skipped, ignored = [], [], [], []
     for label, name in enumerate(class_names):
-        photos = list_photos(split_dir / name)
+        photos, class_skipped, class_ignored = scan_photos(split_dir / name)
         files.extend(photos)
         labels.extend([label] * len(photos))
-    return ImageFolder(split_dir, class_names, files, np.asarray(labels, dtype=np.int64))
+        skipped.extend(class_skipped)
+        ignored.extend(class_ignored)
+    return ImageFolder(split_dir, class_names, files, np.asarray(labels, dtype=np.int64), skipped, ignored)
 
 
 def find_image_folders(data_dir, required=('train', 'validation'), optional=('test',)):
