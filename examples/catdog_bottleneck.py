@@ -28,7 +28,6 @@ off after 6 to 10 epochs while the training loss keeps falling; the weights kept
 of the epoch with the lowest validation loss.
 """
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -45,12 +44,15 @@ from minixcept.errors import WeightsError  # noqa: E402
 from minixcept.files.cache import cache_key, weights_checksum  # noqa: E402
 from minixcept.files.images import DatasetLayoutError, expected_layout, find_image_folders  # noqa: E402
 from minixcept.workflows.features import extract_features  # noqa: E402
+from minixcept.files.atomic import write_atomically  # noqa: E402
+from minixcept.files.paths import OutputPathError, check_output_paths  # noqa: E402
+from minixcept.workflows import cli  # noqa: E402
 from minixcept.workflows.plot import plot_history  # noqa: E402
 from minixcept.workflows.fit import evaluate, fit  # noqa: E402
 
 DEFAULT_DATA = REPO.parent / 'shared' / 'catdog'
 DEFAULT_OUT = REPO / 'runs' / 'catdog'
-RANDOM_WEIGHTS = 'random'             # --weights random: untrained base, to test the plumbing quickly
+RANDOM_WEIGHTS = cli.RANDOM_WEIGHTS   # --weights random: untrained base, to test the plumbing quickly
 HIDDEN_UNITS, DROPOUT_RATE, LEARNING_RATE = 256, 0.5, 1e-4
 
 
@@ -60,20 +62,24 @@ def parse_args(argv=None):
     parser.add_argument('--data', type=Path, default=DEFAULT_DATA if DEFAULT_DATA.is_dir() else None,
                         help='folder with train/, validation/ and optionally test/, one subfolder per '
                              'class (default: the shared catdog photos beside the repository)')
-    parser.add_argument('--image-size', type=int, default=299, help='side of the square model input (>= 71)')
-    parser.add_argument('--batch-size', type=int, default=32,
+    parser.add_argument('--image-size', type=cli.image_size, default=299,
+                        help='side of the square model input (>= 71)')
+    parser.add_argument('--batch-size', type=cli.positive_int, default=32,
                         help='photos per forward pass, and feature vectors per step of the head')
-    parser.add_argument('--epochs', type=int, default=20, help='epochs of head training')
-    parser.add_argument('--backend', choices=('numpy', 'cupy'), default='numpy')
-    parser.add_argument('--weights', default=None,
+    parser.add_argument('--epochs', type=cli.positive_int, default=20, help='epochs of head training')
+    parser.add_argument('--backend', choices=('numpy', 'cupy'), default=None,
+                        help='where the arrays live (default: $MINIXCEPT_BACKEND, else numpy)')
+    parser.add_argument('--weights', type=cli.weights_file, default=None,
                         help="Xception notop weights file (default: fetched into weights/ when missing); "
                              f"'{RANDOM_WEIGHTS}' for an untrained base, to test the plumbing")
     parser.add_argument('--out', type=Path, default=DEFAULT_OUT,
                         help='folder for the head, its class names, the report and the curves')
     parser.add_argument('--cache', type=Path, default=None, help='feature cache folder (default: OUT/cache)')
     parser.add_argument('--report', type=Path, default=None, help='JSON report (default: OUT/report.json)')
-    parser.add_argument('--seed', type=int, default=0, help='initial head weights, dropout and batch order')
-    parser.add_argument('--limit', type=int, default=None, help='use only the first N photos per class per split')
+    parser.add_argument('--seed', type=cli.non_negative_int, default=0,
+                        help='initial head weights, dropout and batch order')
+    parser.add_argument('--limit', type=cli.positive_int, default=None,
+                        help='use only the first N photos per class per split')
     args = parser.parse_args(argv)
     args.cache = args.cache or args.out / 'cache'
     args.report = args.report or args.out / 'report.json'
@@ -94,7 +100,10 @@ def load_photos(data_dir, limit=None):
     for name, folder in splits.items():
         counts = ', '.join(f'{np.count_nonzero(folder.labels == label):,} {class_name}'
                            for label, class_name in enumerate(folder.class_names))
-        print(f'{name}: {len(folder):,} photos ({counts})')
+        ignored = f'; {len(folder.ignored):,} other files ignored' if folder.ignored else ''
+        print(f'{name}: {len(folder):,} photos ({counts}){ignored}')
+        for path, reason in folder.skipped:
+            print(f'warning: skipping {path}: {reason}', file=sys.stderr)
     return splits
 
 
@@ -132,9 +141,21 @@ def extract_bottleneck_features(splits, weights, image_size, batch_size, cache_d
             base, folder, batch_size=batch_size, cache_file=Path(cache_dir) / f'{name}.h5',
             key=cache_key(folder, image_size, weights_id), label=name)
         if features[name].cache != 'hit':
-            print(f'{name}: features of {len(folder):,} photos computed in {features[name].seconds:.1f} s '
-                  f'(cache {features[name].cache})')
+            print(f'{name}: features of {features[name].photos_computed:,} photos computed in '
+                  f'{features[name].seconds:.1f} s (cache {features[name].cache})')
+        require_every_class(name, folder, features[name])
     return features, weights_id
+
+
+def require_every_class(split_name, folder, features):
+    """Raise RunError when a class of the split has no decoded photo: a head trained without
+    one of its classes would report a fine accuracy on the other alone."""
+    for label, class_name in enumerate(features.class_names):
+        if not np.any(features.labels == label):
+            reasons = sorted({reason for path, reason in features.skipped
+                              if Path(path).relative_to(folder.root).parts[0] == class_name})
+            raise cli.RunError(f'{split_name}/{class_name}: none of its photos could be decoded'
+                               + (f' ({reasons[0]})' if reasons else ''))
 
 
 # -- 3. train ------------------------------------------------------------------------------------
@@ -163,8 +184,9 @@ def train_head(head, train, validation, epochs, batch_size, seed):
                   optimizers.Adam(learning_rate=LEARNING_RATE), epochs=epochs, batch_size=batch_size,
                   validation_data=(validation.features, validation.labels), seed=seed)
     train_seconds = time.monotonic() - started
-    print(f'best epoch {history.best_epoch}: val_loss {history.best["val_loss"]:.4f}  '
-          f'val_accuracy {history.best["val_accuracy"]:.4f}  (training took {train_seconds:.1f} s)')
+    if history.best is not None:
+        print(f'best epoch {history.best_epoch}: val_loss {history.best["val_loss"]:.4f}  '
+              f'val_accuracy {history.best["val_accuracy"]:.4f}  (training took {train_seconds:.1f} s)')
     return history, train_seconds
 
 
@@ -197,20 +219,21 @@ def evaluate_head(head, features):
 def save_head(head, class_names, image_size, weights_id, out_dir):
     """head.h5 (legacy Keras HDF5) and head.json (class names, input size, how to rebuild it)."""
     from minixcept.files.weights import save_weights
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_weights(head, out_dir / 'head.h5')
+    write_atomically(out_dir / 'head.h5', lambda tmp: save_weights(head, tmp))
     description = {'class_names': list(class_names), 'image_size': image_size,
                    'feature_dim': head.input_shape[0], 'hidden_units': HIDDEN_UNITS,
                    'dropout': DROPOUT_RATE, 'base': "Xception(include_top=False, pooling='avg')",
                    'base_weights': weights_id}
-    (out_dir / 'head.json').write_text(json.dumps(description, indent=2) + '\n')
+    cli.write_json(out_dir / 'head.json', description)
     return out_dir / 'head.h5'
 
 
-def write_report(args, features, history, scores, train_seconds, weights_id, head_file, curves_file):
+def write_report(args, features, history, scores, train_seconds, weights_id, head_file, curves_file,
+                 listing_skips=()):
     computed = sum(split.photos_computed for split in features.values())
     feature_seconds = sum(split.seconds for split in features.values())
-    skipped = [(path, reason) for split in features.values() for path, reason in split.skipped]
+    skipped = sorted(set(listing_skips) | {(path, reason) for split in features.values()
+                                           for path, reason in split.skipped})
     report = {
         'val_accuracy': scores['validation']['accuracy'],
         'val_loss': scores['validation']['loss'],
@@ -227,6 +250,7 @@ def write_report(args, features, history, scores, train_seconds, weights_id, hea
         'train_seconds': round(train_seconds, 3),
         'epochs': len(history.epochs),
         'best_epoch': history.best_epoch,
+        'stopped': history.stopped,
         'history': history.epochs,
         'class_names': features['train'].class_names,
         'cache': {name: split.cache for name, split in features.items()},
@@ -239,48 +263,60 @@ def write_report(args, features, history, scores, train_seconds, weights_id, hea
         'optimizer': f'Adam(learning_rate={LEARNING_RATE})',
         'head': f'Dense({HIDDEN_UNITS}, relu) -> Dropout({DROPOUT_RATE}) -> Dense(logits)',
         'weights': weights_id,
-        'head_file': str(head_file),
-        'curves_file': str(curves_file),
+        'head_file': head_file and str(head_file),
+        'curves_file': curves_file and str(curves_file),
     }
-    args.report.parent.mkdir(parents=True, exist_ok=True)
-    args.report.write_text(json.dumps(report, indent=2) + '\n')
+    cli.write_json(args.report, report)
     print(f'report: {args.report}')
     return report
+
+
+def check_run(args):
+    """Before any work: the backend, one batch's memory, and every path the run will write."""
+    cli.use_backend(args.backend)
+    cli.check_batch_memory(args.image_size, args.batch_size)
+    check_output_paths(folders={'--out folder': args.out, '--cache folder': args.cache},
+                       files={'--report file': args.report})
 
 
 def main(argv=None):
     args = parse_args(argv)
     try:
-        minixcept.use(args.backend)
+        check_run(args)
         splits = load_photos(args.data, args.limit)
         weights = get_weights(args.weights)
         features, weights_id = extract_bottleneck_features(splits, weights, args.image_size, args.batch_size,
                                                            args.cache, args.seed)
+        class_names = features['train'].class_names
+        head = build_head(features['train'].features.shape[1], len(class_names), args.seed)
+        history, train_seconds = train_head(head, features['train'], features['validation'],
+                                            args.epochs, args.batch_size, args.seed)
+        scores = evaluate_head(head, features)
+
+        # a head that never had a finite epoch is its random start: not worth a file
+        head_file = (save_head(head, class_names, args.image_size, weights_id, args.out)
+                     if history.best_epoch is not None else None)
+        args.out.mkdir(parents=True, exist_ok=True)
+        curves_file = (plot_history(history, args.out / 'curves.png',
+                                    title=f"{' vs '.join(class_names)}: a head on Xception's bottleneck features")
+                       if history.epochs else None)
+        write_report(args, features, history, scores, train_seconds, weights_id, head_file, curves_file,
+                     [skip for folder in splits.values() for skip in folder.skipped])
     except DatasetLayoutError as error:
         print(f'error: {error}', file=sys.stderr)
         return 2
-    except (WeightsError, BackendError, minixcept.ShapeError) as error:
+    except (WeightsError, BackendError, minixcept.ShapeError, OutputPathError, cli.RunError) as error:
         print(f'error: {error}', file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print('\ninterrupted: the batches already done are kept in the cache; run again to resume',
               file=sys.stderr)
         return 130
-    for name, split in features.items():
-        if len(split.labels) == 0:
-            print(f'error: no photo of {name}/ could be decoded', file=sys.stderr)
-            return 1
-    class_names = features['train'].class_names
-
-    head = build_head(features['train'].features.shape[1], len(class_names), args.seed)
-    history, train_seconds = train_head(head, features['train'], features['validation'],
-                                        args.epochs, args.batch_size, args.seed)
-    scores = evaluate_head(head, features)
-
-    head_file = save_head(head, class_names, args.image_size, weights_id, args.out)
-    curves_file = plot_history(history, args.out / 'curves.png',
-                               title=f"{' vs '.join(class_names)}: a head on Xception's bottleneck features")
-    write_report(args, features, history, scores, train_seconds, weights_id, head_file, curves_file)
+    if history.stopped:
+        print(f'error: training stopped, {history.stopped}'
+              + (f'; the head saved is that of epoch {history.best_epoch}' if head_file else '; no head saved'),
+              file=sys.stderr)
+        return 1
     return 0
 
 

@@ -52,6 +52,7 @@ import argparse
 import dataclasses
 import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -64,13 +65,17 @@ import numpy as np  # noqa: E402
 import minixcept  # noqa: E402
 from catdog_bottleneck import DEFAULT_DATA, DEFAULT_OUT as BOTTLENECK_OUT  # noqa: E402
 from catdog_bottleneck import build_base, get_weights, head_loss, load_photos  # noqa: E402
-from catdog_predict import load_head  # noqa: E402
+from catdog_predict import check_base, load_head  # noqa: E402
 from minixcept import optimizers  # noqa: E402
 from minixcept.files.augment import AugmentSettings, save_augmentation_grid  # noqa: E402
 from minixcept.backend import BackendError  # noqa: E402
 from minixcept.errors import WeightsError  # noqa: E402
 from minixcept.workflows.finetune import FineTuneModel, FrozenFeatureFeed, cache_frozen_features  # noqa: E402
 from minixcept.files.images import DatasetLayoutError, load_batch, preprocess_input  # noqa: E402
+from minixcept.files.atomic import write_atomically  # noqa: E402
+from minixcept.files.paths import OutputPathError, check_output_paths  # noqa: E402
+from minixcept.workflows import cli  # noqa: E402
+from minixcept.files.cache import weights_checksum  # noqa: E402
 from minixcept.workflows.plot import plot_history  # noqa: E402
 from minixcept.workflows.fit import evaluate, fit, predicted_classes  # noqa: E402
 
@@ -98,19 +103,22 @@ def parse_args(argv=None):
                         help='run the base on the engines (default) or on its plain layers (--no-fast)')
     parser.add_argument('--optimizer', choices=('sgd', 'adam'), default='sgd',
                         help='SGD with momentum 0.9 (the write-up) or Adam')
-    parser.add_argument('--learning-rate', type=float, default=1e-4)
-    parser.add_argument('--epochs', type=int, default=5)
+    parser.add_argument('--learning-rate', type=cli.positive_float, default=1e-4)
+    parser.add_argument('--epochs', type=cli.positive_int, default=5)
     parser.add_argument('--data', type=Path, default=None,
                         help='folder with train/ and validation/, one subfolder per class '
                              '(default: the shared catdog photos beside the repository)')
-    parser.add_argument('--image-size', type=int, default=None,
+    parser.add_argument('--image-size', type=cli.image_size, default=None,
                         help='side of the square model input (default: the size the head was trained at)')
-    parser.add_argument('--batch-size', type=int, default=16, help='photos per training step')
-    parser.add_argument('--backend', choices=('numpy', 'cupy'), default='numpy')
-    parser.add_argument('--weights', default=None,
+    parser.add_argument('--batch-size', type=cli.positive_int, default=16, help='photos per training step')
+    parser.add_argument('--backend', choices=('numpy', 'cupy'), default=None,
+                        help='where the arrays live (default: $MINIXCEPT_BACKEND, else numpy)')
+    parser.add_argument('--weights', type=cli.weights_file, default=None,
                         help='Xception notop weights the head was trained on (default: fetched into weights/)')
-    parser.add_argument('--seed', type=int, default=0, help='batch order, augmentations and dropout')
-    parser.add_argument('--limit', type=int, default=None, help='use only the first N photos per class per split')
+    parser.add_argument('--seed', type=cli.non_negative_int, default=0,
+                        help='batch order, augmentations and dropout')
+    parser.add_argument('--limit', type=cli.positive_int, default=None,
+                        help='use only the first N photos per class per split')
     parser.add_argument('--out', type=Path, default=DEFAULT_OUT,
                         help='folder for the fine-tuned weights, the report and the curves')
     parser.add_argument('--report', type=Path, default=None, help='JSON report (default: OUT/report.json)')
@@ -128,14 +136,22 @@ def log(line):
 # -- 1. load -------------------------------------------------------------------------------------
 
 def load_pixels(folder, image_size):
-    """All photos of a split as uint8 (N, s, s, 3) and their labels (N,); undecodable ones left out."""
+    """All photos of a split as uint8 (N, s, s, 3) and their labels (N,); undecodable ones left
+    out. Raises RunError when a class is left with no photo at all."""
     started = time.monotonic()
     pixels, loaded, failures = load_batch(folder.files, image_size)
     for path, reason in failures:
         print(f'skipped {path}: {reason}', file=sys.stderr)
+    labels = folder.labels[loaded]
+    for label, class_name in enumerate(folder.class_names):
+        if not np.any(labels == label):
+            reasons = sorted({reason for path, reason in failures
+                              if Path(path).relative_to(folder.root).parts[0] == class_name})
+            raise cli.RunError(f'{folder.root.name}/{class_name}: none of its photos could be decoded'
+                               + (f' ({reasons[0]})' if reasons else ''))
     log(f'{folder.root.name}: {len(pixels):,} photos loaded at {image_size} px '
         f'in {time.monotonic() - started:.1f} s')
-    return pixels, folder.labels[loaded]
+    return pixels, labels
 
 
 # -- 2. build, 3. freeze -------------------------------------------------------------------------
@@ -175,8 +191,9 @@ def fine_tune(network, x_train, y_train, x_val, y_val, args, loss):
                   batch_size=args.batch_size, validation_data=(x_val, y_val), seed=args.seed,
                   stop_at=network.first_trainable, log=log)
     seconds = time.monotonic() - started
-    log(f'best epoch {history.best_epoch}: val_loss {history.best["val_loss"]:.4f}  '
-        f'val_accuracy {history.best["val_accuracy"]:.4f}  (fine-tuning took {seconds:.1f} s)')
+    if history.best is not None:
+        log(f'best epoch {history.best_epoch}: val_loss {history.best["val_loss"]:.4f}  '
+            f'val_accuracy {history.best["val_accuracy"]:.4f}  (fine-tuning took {seconds:.1f} s)')
     return history, seconds
 
 
@@ -184,12 +201,14 @@ def fine_tune(network, x_train, y_train, x_val, y_val, args, loss):
 
 def save_finetuned(network, description, out_dir):
     """xception_finetuned.h5 (the whole base) and head_finetuned.h5 + head_finetuned.json."""
-    out_dir.mkdir(parents=True, exist_ok=True)
     base_file, head_file = out_dir / 'xception_finetuned.h5', out_dir / 'head_finetuned.h5'
-    network.base.save_weights(base_file)
-    network.head.save_weights(head_file)
-    head_file.with_suffix('.json').write_text(json.dumps(
-        dict(description, base_weights=str(base_file), fine_tuned_from=network.train_from), indent=2) + '\n')
+    for model, path in ((network.base, base_file), (network.head, head_file)):
+        write_atomically(path, model.save_weights)
+    with tempfile.TemporaryDirectory() as scratch:              # the digest predict checks the base against
+        base_id = 'sha256:' + weights_checksum(base_file, scratch)
+    cli.write_json(head_file.with_suffix('.json'),
+                   dict(description, base_weights=base_id, base_file=str(base_file),
+                        fine_tuned_from=network.train_from))
     log(f'saved {base_file} and {head_file}')
     return base_file, head_file
 
@@ -227,15 +246,18 @@ def network_logits(network, x, batch_size=256):
 def bottleneck_val_accuracy(head_file):
     """The head's validation accuracy as catdog_bottleneck.py reported it, if its report is there."""
     report = Path(head_file).parent / 'report.json'
-    return json.loads(report.read_text()).get('val_accuracy') if report.is_file() else None
+    try:
+        return json.loads(report.read_text()).get('val_accuracy')
+    except (OSError, ValueError, AttributeError):      # none, unreadable or not a report: not worth a stop
+        return None
 
 
 def write_report(args, network, image_size, counts, before, history, after, reloaded, timings, files):
     report = {
         'val_accuracy_before': before['accuracy'], 'val_loss_before': before['loss'],
         'val_accuracy': after['accuracy'], 'val_loss': after['loss'],
-        'reloaded_val_accuracy': reloaded['accuracy'], 'reloaded_val_loss': reloaded['loss'],
-        'reloaded_max_logit_difference': reloaded['max_logit_difference'],
+        'reloaded_val_accuracy': reloaded.get('accuracy'), 'reloaded_val_loss': reloaded.get('loss'),
+        'reloaded_max_logit_difference': reloaded.get('max_logit_difference'),
         'bottleneck_report_val_accuracy': bottleneck_val_accuracy(args.head),
         'n_train': counts['train'], 'n_val': counts['validation'],
         'train_from': args.train_from, 'first_trainable_layer': network.first_trainable,
@@ -245,13 +267,13 @@ def write_report(args, network, image_size, counts, before, history, after, relo
         'optimizer': (f'SGD(learning_rate={args.learning_rate}, momentum=0.9)' if args.optimizer == 'sgd'
                       else f'Adam(learning_rate={args.learning_rate})'),
         'epochs': len(history.epochs), 'best_epoch': history.best_epoch, 'history': history.epochs,
+        'stopped': history.stopped,
         'image_size': image_size, 'batch_size': args.batch_size, 'seed': args.seed,
         'limit_per_class': args.limit, 'backend': minixcept.backend.current(),
         'seconds': {name: round(value, 1) for name, value in timings.items()},
-        'head': str(args.head), **{name: str(path) for name, path in files.items()},
+        'head': str(args.head), **{name: path and str(path) for name, path in files.items()},
     }
-    args.report.parent.mkdir(parents=True, exist_ok=True)
-    args.report.write_text(json.dumps(report, indent=2) + '\n')
+    cli.write_json(args.report, report)
     log(f'report: {args.report}')
     return report
 
@@ -271,20 +293,32 @@ def main(argv=None):
     args = parse_args(argv)
     started = time.monotonic()
     try:
-        minixcept.use(args.backend)
+        cli.use_backend(args.backend)
+        check_output_paths(folders={'--out folder': args.out}, files={'--report file': args.report})
         if args.show_augmentations:
             return show_augmentations(args, args.image_size or 299)
         head, description = load_head(args.head)
         image_size = args.image_size or description['image_size']
+        cli.check_batch_memory(image_size, args.batch_size)
         splits = load_photos(args.data, args.limit)
-        network = build_network(get_weights(args.weights), head, image_size, args.train_from, args.bn_statistics,
-                                args.seed, args.fast)
+        weights = get_weights(args.weights)
+        check_base(description, weights, args.head)
+        network = build_network(weights, head, image_size, args.train_from, args.bn_statistics, args.seed,
+                                args.fast)
+        return fine_tune_and_report(args, network, splits, description, image_size, started)
     except DatasetLayoutError as error:
         print(f'error: {error}', file=sys.stderr)
         return 2
-    except (WeightsError, BackendError, minixcept.ShapeError, ValueError) as error:
+    except (WeightsError, BackendError, minixcept.ShapeError, ValueError, OutputPathError, cli.RunError) as error:
         print(f'error: {error}', file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print('\ninterrupted: nothing was saved', file=sys.stderr)
+        return 130
+
+
+def fine_tune_and_report(args, network, splits, description, image_size, started):
+    """Steps 4 to 8; the exit code: 0, or 1 when training stopped on a loss that was not finite."""
     loss = head_loss(len(description['class_names']))
     train_pixels, y_train = load_pixels(splits['train'], image_size)
     val_pixels, y_val = load_pixels(splits['validation'], image_size)
@@ -302,17 +336,28 @@ def main(argv=None):
     after_logits = network_logits(network, x_val)
     after = scores_of(after_logits, y_val, loss)
 
-    base_file, head_file = save_finetuned(network, description, args.out)
-    reloaded, reloaded_logits = reload_and_evaluate(base_file, head_file, image_size, val_pixels, y_val, loss,
-                                                    args.batch_size)
-    reloaded['max_logit_difference'] = float(np.abs(reloaded_logits - after_logits).max())
-    curves_file = plot_history(history, args.out / 'curves.png',
-                               title=f'fine-tuning from {args.train_from}'
-                                     f'{" on augmented photos" if args.augment else ""}')
+    # after a stop, the weights are the best finite epoch's: saved only if they beat the start
+    keep = not history.stopped or (history.best is not None and history.best['val_loss'] < before['loss'])
+    files, reloaded = {'base_file': None, 'head_file': None}, {}
+    if keep:
+        base_file, head_file = save_finetuned(network, description, args.out)
+        reloaded, reloaded_logits = reload_and_evaluate(base_file, head_file, image_size, val_pixels, y_val, loss,
+                                                        args.batch_size)
+        reloaded['max_logit_difference'] = float(np.abs(reloaded_logits - after_logits).max())
+        files = {'base_file': base_file, 'head_file': head_file}
+    args.out.mkdir(parents=True, exist_ok=True)
+    files['curves_file'] = (plot_history(history, args.out / 'curves.png',
+                                         title=f'fine-tuning from {args.train_from}'
+                                               f'{" on augmented photos" if args.augment else ""}')
+                            if history.epochs else None)
     timings['total'] = time.monotonic() - started
     write_report(args, network, image_size, {'train': len(y_train), 'validation': len(y_val)}, before, history,
-                 after, reloaded, timings,
-                 {'base_file': base_file, 'head_file': head_file, 'curves_file': curves_file})
+                 after, reloaded, timings, files)
+    if history.stopped:
+        print(f'error: fine-tuning stopped, {history.stopped}; '
+              + (f'saved the weights of epoch {history.best_epoch}' if keep
+                 else 'nothing saved: no epoch beat the starting weights'), file=sys.stderr)
+        return 1
     return 0
 
 

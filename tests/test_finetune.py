@@ -20,6 +20,7 @@ from minixcept import layers, optimizers
 from minixcept.workflows.finetune import (FineTuneModel, FrozenFeatureFeed, cache_frozen_features, first_layer_of_block,
                                 freeze_before, frozen_output_name)
 from minixcept.files.images import preprocess_input
+from minixcept.files.cache import weights_checksum
 
 sys.path.insert(0, str(REFERENCE_DIR))
 import make_finetune as reference  # noqa: E402
@@ -242,7 +243,8 @@ def test_example_saves_weights_that_reload_to_the_same_accuracy(xp, tmp_path, no
     import catdog_finetune
 
     bottleneck_head = catdog_bottleneck.build_head(2048, 2, seed=3)
-    catdog_bottleneck.save_head(bottleneck_head, ['cats', 'dogs'], 96, 'test', tmp_path / 'bottleneck')
+    base_id = 'sha256:' + weights_checksum(notop_weights, tmp_path)      # the base the head says it was trained on
+    catdog_bottleneck.save_head(bottleneck_head, ['cats', 'dogs'], 96, base_id, tmp_path / 'bottleneck')
     out = tmp_path / 'finetune'
     status = catdog_finetune.main(['--head', str(tmp_path / 'bottleneck' / 'head.h5'), '--data', str(catdog),
                                    '--weights', str(notop_weights), '--limit', '3', '--epochs', '1',

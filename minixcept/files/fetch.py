@@ -29,6 +29,7 @@ import zipfile
 from pathlib import Path
 
 from ..errors import WeightsError
+from .paths import OutputPathError, check_folder
 from .atomic import write_atomically
 from .hdf5 import WEIGHT_NAMES, file_digest, keras3_models, read_weights, tensor_digest, write_legacy
 
@@ -175,18 +176,22 @@ def fetch(include_top=False, dest_dir=None, quiet=False):
     include_top = bool(include_top)
     filename, md5 = OFFICIAL_FILES[include_top]
     dest_dir = Path(dest_dir) if dest_dir is not None else default_weights_dir()
-    dest_dir.mkdir(parents=True, exist_ok=True)
     target = dest_dir / filename
     failures = []
 
     # 1. Already here?
-    if target.exists():
+    if target.is_file():            # a read-only folder is fine for a file that verifies
         why = _verify(target, include_top, _read_manifest(dest_dir))
         if why:
             _say(quiet, f"{target} is already here and verified: {why}.")
             return str(target)
         _say(quiet, f"{target} exists but does not verify; fetching it again.")
         failures.append(f"{target} exists but its checksums are unknown")
+    try:                                    # before a download that could not be stored
+        check_folder(dest_dir, "weights folder")
+    except OutputPathError as error:
+        raise WeightsError(str(error)) from error
+    dest_dir.mkdir(parents=True, exist_ok=True)
 
     # 2. Keras's cache.
     cached = _keras_cache_dir() / filename

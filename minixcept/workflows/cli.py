@@ -1,0 +1,153 @@
+"""What the example scripts share at their edges: argument types, up-front checks, JSON reports.
+
+Every value a user types is checked by argparse before any work starts: ``--batch-size -1``
+is refused with a usage line, not discovered as an empty cache twenty minutes later. Then
+``check_batch_memory`` refuses an image size whose activations would not fit in memory, and
+``minixcept.files.paths.check_output_paths`` every path the run will write. At the end,
+``write_json`` writes a report that any JSON reader accepts: a NaN or an infinity becomes
+null (``json.dumps`` would write the bare words ``NaN`` and ``Infinity``, which are not JSON).
+"""
+import argparse
+import json
+import math
+import os
+from pathlib import Path
+
+from ..files.atomic import write_atomically
+
+#: Xception's smallest input side: five stride-2 stages must leave at least one pixel.
+MIN_IMAGE_SIZE = 71
+
+#: Float32 numbers alive per input pixel at the peak of one Xception forward pass (per photo):
+#: block 1's 64-channel maps at a quarter of the pixels (16 per pixel), about four of them at
+#: once (a layer's input, its output, the residual and a cache), rounded up.
+ACTIVATIONS_PER_PIXEL = 64
+
+
+# -- argument types ------------------------------------------------------------------------------
+
+def _integer(text):
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'{text!r} is not a whole number') from None
+
+
+def positive_int(text):
+    """An int >= 1 (a batch size, a number of epochs, a limit per class)."""
+    value = _integer(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f'{value} is not a positive whole number (1 or more)')
+    return value
+
+
+def non_negative_int(text):
+    """An int >= 0 (a seed)."""
+    value = _integer(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f'{value} is negative')
+    return value
+
+
+def positive_float(text):
+    """A finite float > 0 (a learning rate)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'{text!r} is not a number') from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f'{text} is not a finite number above 0')
+    return value
+
+
+def image_size(text):
+    """A square input side Xception can take: an int >= 71."""
+    value = _integer(text)
+    if value < MIN_IMAGE_SIZE:
+        raise argparse.ArgumentTypeError(f'{value} is too small: Xception needs at least '
+                                         f'{MIN_IMAGE_SIZE} px (five stride-2 stages)')
+    return value
+
+
+def existing_file(text):
+    """The path of a file that exists."""
+    path = Path(text)
+    if not path.is_file():
+        raise argparse.ArgumentTypeError(f'{text}: ' + ('is a folder, not a file' if path.is_dir()
+                                                        else 'no such file'))
+    return path
+
+
+#: --weights random: an untrained base, to test the plumbing quickly.
+RANDOM_WEIGHTS = 'random'
+
+
+def weights_file(text):
+    """'random' (an untrained base) or the path of a weights file that exists."""
+    return text if text == RANDOM_WEIGHTS else existing_file(text)
+
+
+# -- up-front checks -----------------------------------------------------------------------------
+
+class RunError(RuntimeError):
+    """A run cannot start, or cannot go on, for a reason the message states (an example's
+    ``main`` prints it as one line and exits non-zero)."""
+
+
+def use_backend(name):
+    """Switch to the backend ``name``; with None, check the one $MINIXCEPT_BACKEND chose (a
+    bad choice there is reported now, as a BackendError, not when ``minixcept`` was imported)."""
+    from .. import backend
+    if name is None:
+        backend.xp()
+    else:
+        backend.use(name)
+
+
+def available_memory():
+    """Bytes of memory free for this process (MemAvailable on Linux; the physical memory elsewhere)."""
+    try:
+        with open('/proc/meminfo') as meminfo:
+            for line in meminfo:
+                if line.startswith('MemAvailable:'):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
+
+
+def batch_memory(image_size, batch_size):
+    """Rough bytes one batch of Xception's forward pass needs at its peak (float32)."""
+    return 4 * ACTIVATIONS_PER_PIXEL * image_size * image_size * batch_size
+
+
+def check_batch_memory(image_size, batch_size, available=None):
+    """Raise RunError, naming the size and the batch, when one batch would not fit in memory:
+    better than a MemoryError from inside a layer, or the machine swapping for an hour."""
+    needed = batch_memory(image_size, batch_size)
+    available = available_memory() if available is None else available
+    if needed > available:
+        raise RunError(f'--image-size {image_size} with --batch-size {batch_size} needs about '
+                       f'{needed / 2**30:,.1f} GiB for one batch, and {available / 2**30:,.1f} GiB are free: '
+                       f'use a smaller image size or batch size')
+
+
+# -- reports -------------------------------------------------------------------------------------
+
+def finite_or_none(value):
+    """``value`` with every float that is NaN or infinite replaced by None, in dicts, lists and
+    tuples too: what JSON can hold (null)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: finite_or_none(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_none(item) for item in value]
+    return value
+
+
+def write_json(path, value):
+    """Write ``value`` as indented JSON, non-finite numbers as null, atomically (a reader
+    never sees half a report). Returns the path."""
+    text = json.dumps(finite_or_none(value), indent=2, allow_nan=False) + '\n'
+    return write_atomically(path, lambda tmp: Path(tmp).write_text(text))
