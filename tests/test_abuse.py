@@ -1,0 +1,617 @@
+"""Careless and unlucky use: every wrong turn ends in a clear error or a stated skip, and
+nothing on disk is damaged or silently wrong.
+
+The runs are tiny: a few generated photos at 71 px through a randomly initialised Xception
+(the examples' ``--weights random``). The examples run in-process through their ``main(argv)``;
+only what must happen at import time (the backend chosen by the environment) runs in a
+subprocess. After each refused run the test checks what is on disk: nothing created, nothing
+overwritten.
+"""
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import minixcept
+from minixcept import gradcheck, layers
+from minixcept.files.paths import OutputPathError, check_output_paths
+from minixcept.workflows import cli
+from minixcept.workflows.fit import evaluate, fit
+from test_catdog import load_example, run_example
+
+REPO = Path(__file__).resolve().parents[1]
+SIZE = 71
+ARGUMENT_ERROR = 2          # argparse's exit status for a refused argument
+
+
+# -- helpers -------------------------------------------------------------------------------------
+
+def save_photo(path, seed, size=(48, 40)):
+    """A random RGB photo (a JPEG or PNG by the extension)."""
+    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path)
+    return path
+
+
+def make_data(root, per_class=2, classes=('cats', 'dogs'), splits=('train', 'validation')):
+    """root/split/class/N.jpg, random photos; returns root."""
+    for s, split in enumerate(splits):
+        for c, name in enumerate(classes):
+            (root / split / name).mkdir(parents=True)
+            for index in range(per_class):
+                save_photo(root / split / name / f'{index}.jpg', seed=100 * s + 10 * c + index)
+    return root
+
+
+def corrupt(path):
+    """Replace a photo by its first third (a truncated download)."""
+    data = path.read_bytes()
+    path.write_bytes(data[:len(data) // 3])
+
+
+def tree(root):
+    """{relative path: sha256} of every file under root: what a run must not have touched."""
+    root = Path(root)
+    if not root.exists():
+        return None
+    if root.is_file():
+        return hashlib.sha256(root.read_bytes()).hexdigest()
+    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob('*')) if p.is_file()}
+
+
+def strict_json(path):
+    """The JSON in ``path``, refusing the bare NaN / Infinity that are not JSON."""
+    def refuse(word):
+        raise ValueError(f'{path}: {word} is not JSON')
+    return json.loads(Path(path).read_text(), parse_constant=refuse)
+
+
+@pytest.fixture
+def read_only(tmp_path):
+    """read_only(folder): make a folder unwritable even for root (chattr +i), or skip saying why."""
+    locked = []
+
+    def lock(folder):
+        folder.mkdir(parents=True, exist_ok=True)
+        folder.chmod(0o555)
+        if os.access(folder, os.W_OK):            # root ignores permission bits: try the immutable flag
+            done = subprocess.run(['chattr', '+i', str(folder)], capture_output=True) \
+                if shutil.which('chattr') else None
+            if done is None or done.returncode != 0:
+                folder.chmod(0o755)
+                pytest.skip('cannot make a folder read-only here (running as root without chattr +i)')
+        locked.append(folder)
+        return folder
+    yield lock
+    for folder in locked:
+        if shutil.which('chattr'):
+            subprocess.run(['chattr', '-i', str(folder)], capture_output=True)
+        folder.chmod(0o755)
+
+
+@pytest.fixture(scope='module')
+def bottleneck():
+    return load_example('catdog_bottleneck')
+
+
+@pytest.fixture(scope='module')
+def predict():
+    return load_example('catdog_predict')
+
+
+@pytest.fixture(scope='module')
+def finetune():
+    return load_example('catdog_finetune')
+
+
+def quick(data, out, *more):
+    """Arguments of a quick bottleneck run: random base, 71 px, one epoch."""
+    return ['--data', data, '--weights', 'random', '--image-size', SIZE, '--epochs', 1, '--batch-size', 4,
+            '--out', out, *more]
+
+
+@pytest.fixture(scope='module')
+def trained(bottleneck, tmp_path_factory):
+    """A data folder and a head trained on it by catdog_bottleneck.py (random base): (data, out)."""
+    root = tmp_path_factory.mktemp('trained')
+    data = make_data(root / 'data', per_class=3)
+    code = bottleneck.main([str(a) for a in quick(data, root / 'out', '--epochs', 2)])
+    assert code == 0
+    return data, root / 'out'
+
+
+# -- arguments: refused by argparse before any work -------------------------------------------------
+
+REFUSED = [
+    ('catdog_bottleneck', '--batch-size', '-1'),     # looped zero times, wrote complete empty caches
+    ('catdog_bottleneck', '--batch-size', '0'),
+    ('catdog_bottleneck', '--batch-size', '2.5'),
+    ('catdog_bottleneck', '--limit', '-1'),          # sliced [:-1]: dropped each class's last photo
+    ('catdog_bottleneck', '--limit', '0'),
+    ('catdog_bottleneck', '--epochs', '0'),          # IndexError in History.best
+    ('catdog_bottleneck', '--epochs', '-3'),
+    ('catdog_bottleneck', '--image-size', '70'),
+    ('catdog_bottleneck', '--image-size', 'big'),
+    ('catdog_bottleneck', '--seed', '-1'),
+    ('catdog_bottleneck', '--weights', 'MISSING'),
+    ('catdog_bottleneck', '--weights', 'FOLDER'),
+    ('catdog_finetune', '--batch-size', '0'),
+    ('catdog_finetune', '--epochs', '0'),
+    ('catdog_finetune', '--limit', '-1'),
+    ('catdog_finetune', '--learning-rate', '0'),
+    ('catdog_finetune', '--learning-rate', '-0.001'),
+    ('catdog_finetune', '--learning-rate', 'nan'),
+    ('catdog_finetune', '--learning-rate', 'inf'),
+    ('catdog_finetune', '--image-size', '12'),
+    ('catdog_predict', '--batch-size', '-1'),
+    ('catdog_predict', '--batch-size', '0'),
+    ('catdog_predict', '--weights', 'MISSING'),
+]
+
+
+@pytest.mark.parametrize('example, option, value', REFUSED, ids=[' '.join(case) for case in REFUSED])
+def test_a_bad_argument_is_refused_before_any_work(example, option, value, tmp_path, capsys):
+    value = {'MISSING': str(tmp_path / 'nowhere.h5'), 'FOLDER': str(tmp_path)}.get(value, value)
+    data = tmp_path / 'data'                       # never looked at: the arguments come first
+    out = tmp_path / 'out'
+    argv = ({'catdog_predict': [str(tmp_path / 'photo.jpg')]}.get(example, ['--data', str(data), '--out', str(out)])
+            + [option, value])
+    with pytest.raises(SystemExit) as stop:
+        load_example(example).main(argv)
+    assert stop.value.code == ARGUMENT_ERROR
+    stderr = capsys.readouterr().err
+    assert f'argument {option}' in stderr and 'Traceback' not in stderr
+    assert not out.exists()
+
+
+@pytest.mark.parametrize('text, refused', [('1', False), ('0', True), ('-5', True), ('3.0', True), ('', True)])
+def test_positive_int_type(text, refused):
+    if refused:
+        with pytest.raises(argparse.ArgumentTypeError):
+            cli.positive_int(text)
+    else:
+        assert cli.positive_int(text) == 1
+
+
+def test_a_huge_image_size_is_refused_naming_the_size_and_the_batch_before_allocating(bottleneck, tmp_path,
+                                                                                      capsys):
+    data = make_data(tmp_path / 'data')
+    code, _, stderr = run_example(bottleneck, quick(data, tmp_path / 'out', '--image-size', 200_000,
+                                                    '--batch-size', 8), capsys)
+    assert code == 1 and 'Traceback' not in stderr
+    assert '--image-size 200000 with --batch-size 8' in stderr and 'GiB' in stderr
+    assert not (tmp_path / 'out').exists()
+
+
+def test_the_memory_check_passes_what_fits_and_refuses_what_does_not():
+    assert cli.batch_memory(299, 32) < 2**30                      # the default run: under a GiB
+    cli.check_batch_memory(299, 32, available=2**31)
+    with pytest.raises(cli.RunError, match='--image-size 299 with --batch-size 32'):
+        cli.check_batch_memory(299, 32, available=2**20)
+
+
+# -- output paths: checked up front, before extraction ----------------------------------------------
+
+def test_a_read_only_out_folder_is_refused_before_extraction(bottleneck, read_only, tmp_path, capsys):
+    data = make_data(tmp_path / 'data')
+    out = read_only(tmp_path / 'locked')
+    code, stdout, stderr = run_example(bottleneck, quick(data, out), capsys)
+    assert code == 1 and 'Traceback' not in stderr
+    assert f'{out}: the --out folder cannot be written' in stderr
+    assert 'photos' not in stdout                   # refused before the photos were even listed
+    assert tree(out) == {}
+
+
+def test_an_out_folder_under_a_read_only_folder_is_refused(bottleneck, read_only, tmp_path, capsys):
+    data = make_data(tmp_path / 'data')
+    locked = read_only(tmp_path / 'locked')
+    code, _, stderr = run_example(bottleneck, quick(data, locked / 'run' / 'out'), capsys)
+    assert code == 1 and f'cannot be written (in {locked})' in stderr
+    assert tree(locked) == {}
+
+
+@pytest.mark.parametrize('which', ['--out', '--cache', '--report'])
+def test_an_output_path_that_is_the_wrong_kind_is_refused(which, bottleneck, tmp_path, capsys):
+    data = make_data(tmp_path / 'data')
+    existing = tmp_path / 'existing'
+    if which == '--report':
+        existing.mkdir()                             # a report path that is a folder
+    else:
+        existing.write_text('precious\n')            # a folder path that is a file
+    before = tree(existing)
+    argv = quick(data, existing) if which == '--out' else quick(data, tmp_path / 'out', which, existing)
+    code, _, stderr = run_example(bottleneck, argv, capsys)
+    assert code == 1 and 'Traceback' not in stderr
+    assert str(existing) in stderr and ('is a file' in stderr or 'is a folder' in stderr)
+    assert tree(existing) == before and not (tmp_path / 'out').exists()
+
+
+def test_an_out_folder_below_a_file_is_refused(tmp_path):
+    (tmp_path / 'file').write_text('x')
+    with pytest.raises(OutputPathError, match=f'{tmp_path / "file"} is a file'):
+        check_output_paths(folders={'--out folder': tmp_path / 'file' / 'a' / 'b'})
+
+
+def test_the_output_check_creates_nothing(tmp_path):
+    check_output_paths(folders={'out': tmp_path / 'a' / 'b'}, files={'report': tmp_path / 'c' / 'r.json'})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_finetune_refuses_an_out_that_is_a_file(finetune, trained, tmp_path, capsys):
+    data, out = trained
+    target = tmp_path / 'taken'
+    target.write_text('precious\n')
+    code, _, stderr = run_example(finetune, ['--data', data, '--head', out / 'head.h5', '--weights', 'random',
+                                             '--out', target, '--epochs', 1], capsys)
+    assert code == 1 and 'is a file, not a folder' in stderr
+    assert target.read_text() == 'precious\n'
+
+
+@pytest.mark.parametrize('kind', ['file', 'read-only'])
+def test_fetch_refuses_a_dest_it_cannot_write_before_downloading(kind, read_only, tmp_path, capsys):
+    from minixcept.files.weights import main as weights_main
+    dest = tmp_path / 'dest'
+    if kind == 'file':
+        dest.write_text('precious\n')
+    else:
+        read_only(dest)
+    code = weights_main(['fetch', '--dest', str(dest), '--quiet'])
+    stderr = capsys.readouterr().err
+    assert code == 1 and str(dest) in stderr and 'Traceback' not in stderr
+    assert 'Downloading' not in stderr
+    if kind == 'file':
+        assert dest.read_text() == 'precious\n'
+    else:
+        assert tree(dest) == {}
+
+
+def test_fetch_through_weights_fetch_py_refuses_a_file_as_dest(tmp_path):
+    dest = tmp_path / 'dest'
+    dest.write_text('precious\n')
+    done = subprocess.run([sys.executable, str(REPO / 'weights' / 'fetch.py'), '--dest', str(dest)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and 'Traceback' not in done.stderr
+    assert f'{dest}: the weights folder is a file' in done.stderr
+    assert dest.read_text() == 'precious\n'
+
+
+# -- the trained head and its description -----------------------------------------------------------
+
+def copy_head(out, tmp_path):
+    """head.h5 + head.json copied to tmp_path/head, to be damaged there."""
+    target = tmp_path / 'head'
+    target.mkdir()
+    for name in ('head.h5', 'head.json'):
+        shutil.copy(out / name, target / name)
+    return target / 'head.h5'
+
+
+DAMAGED_DESCRIPTIONS = {
+    'not JSON': lambda text: text[: len(text) // 2],
+    'empty': lambda text: '',
+    'a list': lambda text: '[1, 2]',
+    'no class names': lambda text: json.dumps({k: v for k, v in json.loads(text).items() if k != 'class_names'}),
+    'one class': lambda text: json.dumps(dict(json.loads(text), class_names=['cats'])),
+    'image size a string': lambda text: json.dumps(dict(json.loads(text), image_size='299')),
+    'image size too small': lambda text: json.dumps(dict(json.loads(text), image_size=8)),
+    'feature size negative': lambda text: json.dumps(dict(json.loads(text), feature_dim=-1)),
+}
+
+
+@pytest.mark.parametrize('damage', DAMAGED_DESCRIPTIONS, ids=list(DAMAGED_DESCRIPTIONS))
+def test_a_damaged_head_json_is_a_clear_error(damage, predict, trained, tmp_path, capsys):
+    data, out = trained
+    head_file = copy_head(out, tmp_path)
+    description = head_file.with_suffix('.json')
+    description.write_text(DAMAGED_DESCRIPTIONS[damage](description.read_text()))
+    code, stdout, stderr = run_example(predict, ['--head', head_file, '--weights', 'random',
+                                                 data / 'validation' / 'cats' / '0.jpg'], capsys)
+    assert code == 1 and stdout == '' and 'Traceback' not in stderr
+    assert f'{description}:' in stderr
+
+
+def test_predict_refuses_a_head_trained_on_another_base(predict, trained, notop_weights, capsys):
+    data, out = trained                 # trained on the random base; the ImageNet weights are another
+    code, stdout, stderr = run_example(predict, ['--head', out / 'head.h5', '--weights', notop_weights,
+                                                 data / 'validation' / 'cats' / '0.jpg'], capsys)
+    assert code == 1 and stdout == ''
+    assert 'the head was trained on the base weights random-init-seed-0' in stderr
+    assert 'sha256:' in stderr and '--weights' in stderr
+
+
+def test_predict_refuses_a_base_whose_checksum_differs_from_head_json(predict, trained, tmp_path, capsys):
+    data, out = trained
+    head_file = copy_head(out, tmp_path)
+    description = head_file.with_suffix('.json')
+    description.write_text(json.dumps(dict(json.loads(description.read_text()), base_weights='sha256:' + '0' * 64)))
+    code, stdout, stderr = run_example(predict, ['--head', head_file, '--weights', 'random',
+                                                 data / 'validation' / 'cats' / '0.jpg'], capsys)
+    assert code == 1 and stdout == '' and 'trained on the base weights sha256:000' in stderr
+
+
+def test_predict_prints_each_batch_as_it_goes_and_survives_a_batch_of_bad_photos(predict, trained, tmp_path,
+                                                                               capsys):
+    data, out = trained
+    bad = [tmp_path / 'bad0.jpg', tmp_path / 'bad1.jpg']
+    bad[0].write_bytes(b'')
+    bad[1].write_text('not a photo')
+    good = sorted((data / 'validation' / 'dogs').glob('*.jpg'))[:2]
+    code, stdout, stderr = run_example(predict, ['--head', out / 'head.h5', '--weights', 'random',
+                                                 '--batch-size', 2, *bad, *good], capsys)
+    assert code == 1                                   # some photos failed
+    assert [Path(line.split('\t')[0]) for line in stdout.splitlines()] == good
+    for path in bad:
+        assert f'{path}: skipped' in stderr
+    assert ' at 0x' not in stderr
+
+
+def test_predict_loses_no_result_already_printed_when_a_later_batch_fails(predict, trained, monkeypatch, capsys):
+    data, out = trained
+    photos = sorted((data / 'validation' / 'cats').glob('*.jpg'))
+    calls = []
+    real = predict.bottleneck_features
+
+    def fail_on_second_batch(base, pixels):
+        calls.append(len(pixels))
+        if len(calls) == 2:
+            raise MemoryError('the second batch')
+        return real(base, pixels)
+    monkeypatch.setattr(predict, 'bottleneck_features', fail_on_second_batch)
+    with pytest.raises(MemoryError):
+        predict.main([str(a) for a in ['--head', out / 'head.h5', '--weights', 'random', '--batch-size', 2, *photos]])
+    printed = capsys.readouterr().out.splitlines()
+    assert [Path(line.split('\t')[0]) for line in printed] == photos[:2]
+
+
+# -- photos that fail ---------------------------------------------------------------------------------
+
+def test_a_class_whose_every_photo_fails_stops_with_an_error_naming_it(bottleneck, tmp_path, capsys):
+    data = make_data(tmp_path / 'data')
+    for photo in (data / 'train' / 'cats').glob('*.jpg'):
+        corrupt(photo)
+    out = tmp_path / 'out'
+    code, _, stderr = run_example(bottleneck, quick(data, out), capsys)
+    assert code == 1 and 'Traceback' not in stderr
+    assert 'error: train/cats: none of its photos could be decoded (cannot be decoded' in stderr
+    assert not (out / 'head.h5').exists() and not (out / 'report.json').exists()
+
+
+def test_finetune_stops_when_a_validation_class_has_no_decodable_photo(finetune, trained, tmp_path, capsys):
+    _, out = trained
+    data = make_data(tmp_path / 'data')
+    for photo in (data / 'validation' / 'dogs').glob('*.jpg'):
+        corrupt(photo)
+    code, _, stderr = run_example(finetune, ['--data', data, '--head', out / 'head.h5', '--weights', 'random',
+                                             '--out', tmp_path / 'ft', '--epochs', 1, '--no-augment'], capsys)
+    assert code == 1 and 'Traceback' not in stderr          # was a ZeroDivisionError in evaluate
+    assert 'validation/dogs: none of its photos could be decoded' in stderr
+    assert not (tmp_path / 'ft').exists()
+
+
+def test_skip_reasons_name_no_memory_address(tmp_path):
+    from minixcept.files.images import load_batch
+    (tmp_path / 'text.jpg').write_text('not a photo at all')
+    _, loaded, failures = load_batch([tmp_path / 'text.jpg'], SIZE)
+    assert loaded == [] and len(failures) == 1
+    assert failures[0][1] == 'cannot be decoded (UnidentifiedImageError: not in a format Pillow can read)'
+
+
+def test_a_decompression_bomb_is_skipped_before_it_is_decoded(tmp_path, monkeypatch):
+    from minixcept.files.images import load_batch
+    save_photo(tmp_path / 'bomb.png', seed=0, size=(48, 40))
+    monkeypatch.setattr(Image, 'MAX_IMAGE_PIXELS', 1000)       # 48 x 40 = 1920 pixels is a bomb now
+    _, loaded, failures = load_batch([tmp_path / 'bomb.png'], SIZE)
+    assert loaded == [] and '48 x 40 pixels, more than the 1,000 Pillow decodes safely' in failures[0][1]
+
+
+# -- training that diverges ----------------------------------------------------------------------------
+
+@pytest.mark.filterwarnings('ignore::RuntimeWarning')     # the overflows that make the NaN
+def test_finetuning_that_diverges_keeps_the_start_writes_valid_json_and_exits_non_zero(finetune, trained,
+                                                                                      tmp_path, capsys):
+    data, out = trained
+    ft = tmp_path / 'ft'
+    ft.mkdir()
+    (ft / 'xception_finetuned.h5').write_bytes(b'a better start, saved earlier')
+    code, _, stderr = run_example(finetune, ['--data', data, '--head', out / 'head.h5', '--weights', 'random',
+                                             '--out', ft, '--epochs', 2, '--batch-size', 3, '--no-augment',
+                                             '--learning-rate', 1e6], capsys)
+    assert code == 1 and 'Traceback' not in stderr
+    assert 'fine-tuning stopped, the' in stderr and 'nothing saved' in stderr
+    report = strict_json(ft / 'report.json')                   # bare NaN before
+    assert report['stopped'] and report['best_epoch'] is None
+    assert report['val_loss'] == pytest.approx(report['val_loss_before'])   # the start's weights are back
+    assert (ft / 'xception_finetuned.h5').read_bytes() == b'a better start, saved earlier'
+    assert not (ft / 'head_finetuned.h5').exists()
+
+
+class Exploding:
+    """A loss that is fine for ``finite_calls`` forward passes, then NaN (a model that diverged)."""
+
+    def __init__(self, finite_calls):
+        from minixcept import losses
+        self.inner, self.calls, self.finite_calls = losses.BinaryCrossentropy(from_logits=True), 0, finite_calls
+        self.from_logits = True
+
+    def forward(self, outputs, labels):
+        self.calls += 1
+        value = self.inner.forward(outputs, labels)
+        return value if self.calls <= self.finite_calls else value * np.nan
+
+    def backward(self):
+        return self.inner.backward()
+
+
+def small_head(seed=0):
+    minixcept.set_seed(seed)
+    return minixcept.Sequential([layers.Dense(4, activation='relu'), layers.Dense(1)], input_shape=(3,))
+
+
+def test_fit_stops_on_a_nan_loss_and_keeps_the_best_finite_epoch(rng):
+    from minixcept import optimizers
+    x, y = rng.standard_normal((8, 3)), (rng.random(8) > 0.5).astype(np.int64)
+    head = small_head()
+    # 2 batches + 1 validation pass per epoch: epochs 1 and 2 finite, epoch 3's first batch NaN
+    history = fit(head, x, y, Exploding(finite_calls=6), optimizers.SGD(0.1), epochs=5, batch_size=4,
+                  validation_data=(x, y), log=None)
+    assert history.stopped == 'the training loss became nan in epoch 3'
+    assert len(history.epochs) == 2 and history.best_epoch in (1, 2)
+    assert all(np.isfinite(w).all() for w in head.get_weights())
+
+
+def test_fit_without_a_finite_epoch_gives_back_the_starting_weights(rng):
+    from minixcept import optimizers
+    x, y = rng.standard_normal((8, 3)), (rng.random(8) > 0.5).astype(np.int64)
+    head = small_head()
+    start = [w.copy() for w in head.get_weights()]
+    history = fit(head, x, y, Exploding(finite_calls=1), optimizers.SGD(0.1), epochs=3, batch_size=4, log=None)
+    assert history.stopped and history.best_epoch is None and history.best is None
+    for now, before in zip(head.get_weights(), start):
+        np.testing.assert_array_equal(now, before)
+
+
+@pytest.mark.parametrize('epochs, batch_size, n', [(0, 4, 8), (-1, 4, 8), (2, 0, 8), (2, -4, 8), (2, 4, 0)])
+def test_fit_refuses_nothing_to_do(epochs, batch_size, n, rng):
+    from minixcept import losses, optimizers
+    head = small_head()
+    start = [w.copy() for w in head.get_weights()]
+    with pytest.raises(ValueError, match='fit: '):
+        fit(head, rng.standard_normal((n, 3)), np.zeros(n, np.int64), losses.BinaryCrossentropy(from_logits=True),
+            optimizers.SGD(0.1), epochs=epochs, batch_size=batch_size, log=None)
+    for now, before in zip(head.get_weights(), start):
+        np.testing.assert_array_equal(now, before)
+
+
+def test_evaluate_on_no_examples_is_a_clear_error():
+    from minixcept import losses
+    with pytest.raises(ValueError, match='no examples'):             # was a ZeroDivisionError
+        evaluate(small_head(), np.zeros((0, 3)), np.zeros(0, np.int64), losses.BinaryCrossentropy(from_logits=True))
+
+
+def test_json_reports_hold_null_for_numbers_that_are_not_finite(tmp_path):
+    path = cli.write_json(tmp_path / 'r.json', {'loss': float('nan'), 'history': [{'val': float('inf')}, 1.5],
+                                                'pair': (float('-inf'), 2)})
+    assert strict_json(path) == {'loss': None, 'history': [{'val': None}, 1.5], 'pair': [None, 2]}
+    assert [p.name for p in tmp_path.iterdir()] == ['r.json']         # no temporary file left
+
+
+# -- the backend chosen by the environment ----------------------------------------------------------
+
+def run_python(args, backend_choice, cwd):
+    env = dict(os.environ, MINIXCEPT_BACKEND=backend_choice, PYTHONPATH=str(REPO))
+    return subprocess.run([sys.executable, *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+@pytest.mark.parametrize('choice', ['cupy', 'tpu'])
+def test_a_bad_backend_in_the_environment_does_not_break_import_help_or_an_explicit_backend(choice, tmp_path):
+    if choice == 'cupy' and minixcept.backend.gpu_available():
+        pytest.skip('CuPy and a GPU are here: MINIXCEPT_BACKEND=cupy is a good choice on this machine')
+    imported = run_python(['-c', 'import minixcept, minixcept.workflows.fit; print("imported")'], choice, tmp_path)
+    assert imported.returncode == 0 and imported.stdout.strip() == 'imported', imported.stderr
+    example = REPO / 'examples' / 'catdog_bottleneck.py'
+    helped = run_python([example, '--help'], choice, tmp_path)
+    assert helped.returncode == 0 and '--batch-size' in helped.stdout
+    data = make_data(tmp_path / 'data', per_class=1)
+    chosen = run_python([example, *quick(data, tmp_path / 'out'), '--backend', 'numpy'], choice, tmp_path)
+    assert chosen.returncode == 0, chosen.stderr
+    assert strict_json(tmp_path / 'out' / 'report.json')['backend'] == 'numpy'
+    refused = run_python([example, *quick(data, tmp_path / 'out2')], choice, tmp_path)
+    assert refused.returncode == 1 and 'Traceback' not in refused.stderr
+    assert f'error: MINIXCEPT_BACKEND={choice}:' in refused.stderr
+    assert not (tmp_path / 'out2').exists()
+
+
+# -- misuse of the model and of gradcheck -------------------------------------------------------------
+
+@pytest.fixture(scope='module')
+def tiny_model():
+    minixcept.set_seed(0)
+    return minixcept.Sequential([layers.Conv2D(4, 3, name='conv'), layers.BatchNormalization(name='bn'),
+                                 layers.GlobalAveragePooling2D(name='pool')], input_shape=(8, 8, 3), name='tiny')
+
+
+@pytest.mark.parametrize('dtype', [np.uint8, np.int64, np.bool_])
+def test_forward_on_integer_pixels_says_to_call_preprocess_input(tiny_model, dtype):
+    with pytest.raises(TypeError, match=f"model 'tiny' expects floating-point input, got {np.dtype(dtype)}.*"
+                                        'preprocess_input'):
+        tiny_model.forward(np.zeros((2, 8, 8, 3), dtype))
+
+
+def test_forward_on_preprocessed_pixels_works(tiny_model):
+    pixels = np.random.default_rng(0).integers(0, 256, (2, 8, 8, 3), dtype=np.uint8)
+    assert tiny_model.forward(minixcept.preprocess_input(pixels)).shape == (2, 4)
+
+
+@pytest.mark.parametrize('dy_shape', [(2, 5), (3, 4), (2,), (2, 4, 1)])
+def test_backward_with_a_wrongly_shaped_dy_names_the_expected_shape(tiny_model, dy_shape):
+    x = np.random.default_rng(0).standard_normal((2, 8, 8, 3)).astype(np.float32)
+    tiny_model.forward(x, training=True)
+    before = [w.copy() for w in tiny_model.get_weights()]
+    with pytest.raises(minixcept.ShapeError, match=r"backward expects dy of the last forward's output shape "
+                                                   rf"\(2, 4\), got \({dy_shape[0]},"):
+        tiny_model.backward(np.ones(dy_shape, np.float32))
+    for now, then in zip(tiny_model.get_weights(), before):
+        np.testing.assert_array_equal(now, then)
+
+
+def test_backward_before_any_forward_is_a_clear_error():
+    minixcept.set_seed(0)
+    model = minixcept.Sequential([layers.Dense(2)], input_shape=(3,), name='fresh')
+    with pytest.raises(RuntimeError, match="model 'fresh': backward needs a forward pass first"):
+        model.backward(np.ones((1, 2), np.float32))
+
+
+def layer_state(layer):
+    """Everything check_layer could change: attribute identities, dtype, params, grads, cache."""
+    return {'attributes': {name: id(value) for name, value in vars(layer).items()},
+            'dtype': layer.dtype, 'params': {name: (id(a), a.dtype, a.copy()) for name, a in layer.params.items()},
+            'grads': dict(layer.grads), 'cache': layer._cache}
+
+
+def assert_same_state(layer, state):
+    now = layer_state(layer)
+    assert now['attributes'] == state['attributes'] and now['dtype'] == state['dtype']
+    assert now['grads'].keys() == state['grads'].keys()
+    assert all(now['grads'][k] is state['grads'][k] for k in state['grads']) and now['cache'] is state['cache']
+    for name, (identity, dtype, values) in state['params'].items():
+        assert now['params'][name][:2] == (identity, dtype), name
+        np.testing.assert_array_equal(now['params'][name][2], values)
+
+
+@pytest.mark.parametrize('training', [False, True])
+def test_gradcheck_leaves_a_batch_norm_exactly_as_it_found_it(training, rng):
+    bn = layers.BatchNormalization(name='bn')
+    x = rng.standard_normal((4, 3, 3, 5)).astype(np.float32) * 3 + 2
+    bn.forward(x, training=True)                    # moving statistics moved once, a cache kept
+    bn.backward(rng.standard_normal((4, 3, 3, 5)).astype(np.float32))
+    state = layer_state(bn)
+    errors = gradcheck.check_layer(bn, x, training=training)
+    assert max(errors.values()) < 1e-6
+    assert_same_state(bn, state)
+
+
+def test_gradcheck_leaves_an_unbuilt_layer_unbuilt(rng):
+    dense = layers.Dense(3, name='dense')
+    errors = gradcheck.check_layer(dense, rng.standard_normal((2, 4)))
+    assert max(errors.values()) < 1e-6
+    assert not dense.built and dense.params == {} and dense.dtype == np.float32
+
+
+def test_gradcheck_on_a_layer_of_a_model_leaves_its_predictions_unchanged(tiny_model, rng):
+    x = rng.standard_normal((2, 8, 8, 3)).astype(np.float32)
+    before = tiny_model.forward(x)
+    bn = tiny_model.get_layer('bn')
+    gradcheck.check_layer(bn, rng.standard_normal((2, 6, 6, 4)), training=True)
+    after = tiny_model.forward(x)
+    assert after.dtype == np.float32
+    np.testing.assert_array_equal(after, before)
