@@ -229,7 +229,7 @@ class FeatureCache:
         with cache.locked():                       # one writer at a time
             chunks = cache.resume()                # batches a killed run stored, checked
             cache.save_chunk(chunk)                # after each new batch
-            cache.finish(features, image_size, root)
+            cache.finish(features, image_size, root, photo_count)
     """
 
     def __init__(self, cache_file, key, log=_warn):
@@ -323,8 +323,17 @@ class FeatureCache:
 
         write_atomically(self.partial / _chunk_name(chunk.begin, chunk.end), write)
 
-    def finish(self, features, image_size, root):
-        """Write the complete file (atomically), then drop the batches it replaces."""
+    def finish(self, features, image_size, root, photo_count):
+        """Write the complete file (atomically), then drop the batches it replaces.
+
+        photo_count: how many photos the split lists. Raises ValueError, writing nothing,
+        unless every one of them is accounted for, as a row or as a skip: a file marked
+        complete is never short of photos.
+        """
+        accounted = len(features.files) + len(features.skipped)
+        if accounted != photo_count or len(features.features) != len(features.files):
+            raise ValueError(f'{self.file}: not marking the cache complete: it accounts for {accounted:,} '
+                             f'of {photo_count:,} photos')
         _write_cache(self.file, self.key, features, image_size, root)
         shutil.rmtree(self.partial, ignore_errors=True)
 

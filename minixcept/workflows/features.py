@@ -123,6 +123,8 @@ def extract_features(model, folder, batch_size=32, cache_file=None, key=None, in
     """
     if (cache_file is None) != (key is None):
         raise ValueError('extract_features needs both cache_file and key, or neither')
+    if batch_size < 1:
+        raise ValueError(f'extract_features: batch_size must be at least 1, got {batch_size}')
     compute = functools.partial(_extract, model, folder, batch_size=batch_size, interpolation=interpolation,
                                 label=label, show_progress=show_progress, on_batch=on_batch, log=log, fast=fast)
     if cache_file is None:
@@ -198,5 +200,5 @@ def _extract(model, folder, cache, *, batch_size, interpolation, label, show_pro
         class_names=list(folder.class_names), skipped=skipped, cache=status,
         seconds=time.monotonic() - started, photos_computed=total - first)
     if cache is not None:
-        cache.finish(features, image_size, folder.root)
+        cache.finish(features, image_size, folder.root, total)
     return features
