@@ -258,13 +258,13 @@ def test_finetune_refuses_an_out_that_is_a_file(finetune, trained, tmp_path, cap
 
 @pytest.mark.parametrize('kind', ['file', 'read-only'])
 def test_fetch_refuses_a_dest_it_cannot_write_before_downloading(kind, read_only, tmp_path, capsys):
-    from minixcept.files.weights import main as weights_main
+    from minixcept.files.fetch import main as fetch_main
     dest = tmp_path / 'dest'
     if kind == 'file':
         dest.write_text('precious\n')
     else:
         read_only(dest)
-    code = weights_main(['fetch', '--dest', str(dest), '--quiet'])
+    code = fetch_main(['--dest', str(dest), '--quiet'])
     stderr = capsys.readouterr().err
     assert code == 1 and str(dest) in stderr and 'Traceback' not in stderr
     assert 'Downloading' not in stderr
@@ -615,3 +615,326 @@ def test_gradcheck_on_a_layer_of_a_model_leaves_its_predictions_unchanged(tiny_m
     after = tiny_model.forward(x)
     assert after.dtype == np.float32
     np.testing.assert_array_equal(after, before)
+
+
+# -- what a photo folder may hold: every entry a photo, a skip or an ignore, each with a reason ----------
+
+def decide(folder):
+    """scan_photos of a folder as ({name: reason} skipped, {name: reason} ignored, [photo names])."""
+    from minixcept.files.images import scan_photos
+    photos, skipped, ignored = scan_photos(folder)
+    name = lambda path: Path(path).relative_to(folder).as_posix()  # noqa: E731
+    return ({name(p): r for p, r in skipped}, {name(p): r for p, r in ignored}, [name(p) for p in photos])
+
+
+@pytest.fixture
+def class_folder(tmp_path):
+    folder = tmp_path / 'cats'
+    folder.mkdir()
+    save_photo(folder / 'good.jpg', seed=1)
+    return folder
+
+
+ODDITIES = {
+    # name: (make it in the folder, verdict, reason or None)
+    'hidden file': (lambda f: (f / '.DS_Store').write_bytes(b'\0\1'), 'ignored', 'hidden'),
+    'hidden folder': (lambda f: (f / '.thumbnails').mkdir() or save_photo(f / '.thumbnails' / 'a.jpg', 2),
+                      'ignored', 'hidden'),
+    'other extension': (lambda f: (f / 'notes.txt').write_text('hi'), 'ignored', 'not a photo'),
+    'partial download': (lambda f: (f / 'x.jpg.part').write_bytes(b'\xff\xd8'), 'ignored', 'not a photo'),
+    'empty photo': (lambda f: (f / 'empty.jpg').write_bytes(b''), 'skipped', 'empty file (0 bytes)'),
+    'broken link': (lambda f: os.symlink(f / 'gone.jpg', f / 'link.jpg'), 'skipped', 'a broken link'),
+    'link to a folder': (lambda f: os.symlink(f, f / 'loop'), 'ignored', 'a link to a folder'),
+    'fifo named as a photo': (lambda f: os.mkfifo(f / 'pipe.jpg'), 'skipped', 'not a regular file'),
+    'link to a photo': (lambda f: os.symlink(f / 'good.jpg', f / 'alias.jpg'), 'photo', None),
+    'subfolder': (lambda f: (f / 'more').mkdir() or save_photo(f / 'more' / 'b.png', 3), 'photo', None),
+    'capital extension': (lambda f: save_photo(f / 'SHOUT.JPG', 4), 'photo', None),
+    'spaces and accents': (lambda f: save_photo(f / 'chat noir é.jpg', 5), 'photo', None),
+}
+
+
+@pytest.mark.parametrize('oddity', ODDITIES, ids=list(ODDITIES))
+def test_the_photo_lister_decides_for_every_entry_with_a_reason(oddity, class_folder):
+    make, verdict, reason = ODDITIES[oddity]
+    make(class_folder)
+    before = tree(class_folder) if oddity != 'fifo named as a photo' else None
+    skipped, ignored, photos = decide(class_folder)
+    new = {'skipped': skipped, 'ignored': ignored,
+           'photo': {p: None for p in photos if p != 'good.jpg'}}[verdict]
+    assert len(new) == 1, (skipped, ignored, photos)
+    (found_reason,) = new.values()
+    assert found_reason is None if reason is None else reason in found_reason
+    assert 'good.jpg' in photos
+    if before is not None:
+        assert tree(class_folder) == before                       # looked at, not touched
+
+
+def test_an_unreadable_photo_is_skipped_at_listing(class_folder, monkeypatch):
+    from minixcept.files import images
+    real_access = os.access
+    monkeypatch.setattr(images.os, 'access',                      # root reads anything: say it cannot
+                        lambda path, mode: not str(path).endswith('good.jpg') and real_access(path, mode))
+    skipped, _, photos = decide(class_folder)
+    assert photos == [] and skipped == {'good.jpg': 'cannot be read (no permission)'}
+
+
+def test_a_run_over_a_folder_of_oddities_skips_them_all_and_hangs_on_none(bottleneck, tmp_path, capsys):
+    data = make_data(tmp_path / 'data')
+    cats = data / 'train' / 'cats'
+    for name in ('hidden file', 'broken link', 'link to a folder', 'fifo named as a photo', 'empty photo',
+                 'other extension', 'subfolder'):
+        ODDITIES[name][0](cats)
+    (cats / 'text.jpg').write_text('not a photo')                # decodes to a skip, not a listing skip
+    (data / 'train' / 'README.txt').write_text('a file beside the class folders')
+    out = tmp_path / 'out'
+    code, stdout, stderr = run_example(bottleneck, quick(data, out), capsys)
+    assert code == 0, stderr
+    report = strict_json(out / 'report.json')
+    assert sorted(Path(p).name for p in report['skipped']) == ['empty.jpg', 'link.jpg', 'pipe.jpg', 'text.jpg']
+    assert all(' at 0x' not in reason for reason in report['skipped_reasons'].values())
+    assert report['n_train'] == 5                                  # 2 cats + the subfolder's + 2 dogs
+    assert report['class_names'] == ['cats', 'dogs'] and 'other files ignored' in stdout
+
+
+@pytest.mark.parametrize('make, verdict', [
+    (lambda p: Image.new('I;16', (30, 20), 4000).save(p), 'photo'),                        # 16-bit grey PNG
+    (lambda p: Image.new('RGB', (1, 1), (255, 0, 0)).save(p), 'photo'),                    # one pixel
+    (lambda p: Image.new('RGB', (900, 2), (0, 0, 255)).save(p), 'photo'),                  # a thin strip
+    (lambda p: Image.new('P', (20, 20)).save(p, save_all=True, append_images=[Image.new('P', (20, 20), 3)]),
+     'photo'),                                                                             # animated
+    (lambda p: p.write_bytes(b'\x89PNG\r\n\x1a\n' + b'\0' * 40), 'skip'),                  # a PNG header only
+], ids=['16-bit', '1x1', '900x2', 'animated', 'header-only'])
+def test_unusual_but_real_images_decode_and_broken_ones_are_skipped(make, verdict, tmp_path):
+    from minixcept.files.images import load_batch
+    path = tmp_path / 'photo.png'
+    make(path)
+    pixels, loaded, failures = load_batch([path], SIZE)
+    if verdict == 'photo':
+        assert loaded == [0] and pixels.shape == (1, SIZE, SIZE, 3) and pixels.dtype == np.uint8
+    else:
+        assert loaded == [] and failures[0][1].startswith('cannot be decoded') and ' at 0x' not in failures[0][1]
+
+
+def test_a_class_left_empty_by_skips_is_a_layout_error(bottleneck, tmp_path, capsys):
+    data = make_data(tmp_path / 'data')
+    for photo in (data / 'validation' / 'dogs').glob('*.jpg'):
+        photo.write_bytes(b'')
+    code, _, stderr = run_example(bottleneck, quick(data, tmp_path / 'out'), capsys)
+    assert code == 2 and 'validation' in stderr and 'dogs' in stderr and 'Traceback' not in stderr
+    assert not (tmp_path / 'out').exists()
+
+
+def test_a_data_folder_that_is_a_file_is_a_layout_error(bottleneck, tmp_path, capsys):
+    (tmp_path / 'data').write_text('not a folder')
+    code, _, stderr = run_example(bottleneck, quick(tmp_path / 'data', tmp_path / 'out'), capsys)
+    assert code == 2 and 'no such folder' in stderr and (tmp_path / 'data').read_text() == 'not a folder'
+
+
+def test_limit_refuses_less_than_one_photo(tmp_path):
+    from minixcept.files.images import image_folder
+    make_data(tmp_path / 'data')
+    folder = image_folder(tmp_path / 'data' / 'train')
+    for bad in (0, -1):
+        with pytest.raises(ValueError, match='per_class must be at least 1'):
+            folder.limit(bad)
+    assert len(folder.limit(99)) == len(folder) == 4
+
+
+# -- the feature cache: complete only when every photo is accounted for -------------------------------
+
+def test_extraction_refuses_a_batch_size_below_one_and_writes_nothing(tmp_path):
+    from minixcept.files.cache import cache_key
+    from minixcept.files.images import image_folder
+    from minixcept.workflows.features import extract_features
+    folder = image_folder(make_data(tmp_path / 'data') / 'train')
+    minixcept.set_seed(0)
+    base = minixcept.Xception(include_top=False, pooling='avg', input_shape=(SIZE, SIZE, 3))
+    for batch_size in (0, -1):
+        with pytest.raises(ValueError, match='batch_size must be at least 1'):
+            extract_features(base, folder, batch_size=batch_size, cache_file=tmp_path / 'cache' / 'train.h5',
+                             key=cache_key(folder, SIZE, 'random'), show_progress=False)
+    assert not (tmp_path / 'cache' / 'train.h5').exists()
+
+
+def test_a_cache_short_of_photos_is_never_marked_complete(tmp_path):
+    from minixcept.files.cache import FeatureCache, Features
+    cache = FeatureCache(tmp_path / 'train.h5', key='k', log=lambda message: None)
+    empty = Features(features=np.zeros((0, 4), np.float32), labels=np.zeros(0, np.int64), files=[],
+                     class_names=['cats', 'dogs'])
+    with pytest.raises(ValueError, match='not marking the cache complete: it accounts for 0 of 8 photos'):
+        cache.finish(empty, SIZE, tmp_path, photo_count=8)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_empty_complete_cache_left_by_an_old_run_is_rebuilt(bottleneck, tmp_path, capsys):
+    """What ``--batch-size -1`` used to leave: complete, empty caches under the real key."""
+    import h5py
+    data = make_data(tmp_path / 'data')
+    out = tmp_path / 'out'
+    assert run_example(bottleneck, quick(data, out), capsys)[0] == 0
+    for split in ('train', 'validation'):
+        with h5py.File(out / 'cache' / f'{split}.h5', 'r+') as f:      # keep the key, drop every row
+            for name in ('features', 'labels', 'files'):
+                shape = f[name].shape
+                dtype = f[name].dtype
+                del f[name]
+                f.create_dataset(name, shape=(0,) + shape[1:], dtype=dtype)
+    code, _, stderr = run_example(bottleneck, quick(data, out), capsys)
+    assert code == 0, stderr
+    report = strict_json(out / 'report.json')
+    assert report['n_train'] == 4 and report['cache'] == {'train': 'rebuilt', 'validation': 'rebuilt'}
+
+
+# -- interrupted runs ---------------------------------------------------------------------------------
+
+def interrupt_on_call(number, real):
+    """A stand-in for ``real`` that raises KeyboardInterrupt on its ``number``-th call (Ctrl-C)."""
+    calls = []
+
+    def stand_in(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == number:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+    return stand_in
+
+
+def test_ctrl_c_in_extraction_then_a_resume_that_counts_only_the_photos_it_computed(bottleneck, tmp_path,
+                                                                                    monkeypatch, capsys):
+    from minixcept.workflows import features
+    data = make_data(tmp_path / 'data', per_class=3)              # 6 train photos: batches of 4 and 2
+    out = tmp_path / 'out'
+    with monkeypatch.context() as patch:
+        patch.setattr(features, 'bottleneck_features', interrupt_on_call(2, features.bottleneck_features))
+        code, _, stderr = run_example(bottleneck, quick(data, out), capsys)
+    assert code == 130 and 'run again to resume' in stderr and 'Traceback' not in stderr
+    assert not (out / 'report.json').exists() and not (out / 'head.h5').exists()
+    code, stdout, stderr = run_example(bottleneck, quick(data, out), capsys)
+    assert code == 0, stderr
+    assert 'train: features of 2 photos computed' in stdout       # said 6 before: the batch done was not redone
+    assert strict_json(out / 'report.json')['photos_computed'] == 2 + 6
+
+
+def test_ctrl_c_in_training_keeps_the_previous_head_and_report(bottleneck, tmp_path, monkeypatch, capsys):
+    data = make_data(tmp_path / 'data')
+    out = tmp_path / 'out'
+    assert run_example(bottleneck, quick(data, out), capsys)[0] == 0
+    before = tree(out)
+    monkeypatch.setattr(bottleneck, 'fit', interrupt_on_call(1, bottleneck.fit))
+    code, _, stderr = run_example(bottleneck, quick(data, out, '--epochs', 2), capsys)
+    assert code == 130 and 'Traceback' not in stderr
+    assert tree(out) == before
+
+
+def test_a_head_file_being_written_when_the_run_dies_leaves_the_old_one(bottleneck, tmp_path, monkeypatch, capsys):
+    from minixcept.files import weights
+    data = make_data(tmp_path / 'data')
+    out = tmp_path / 'out'
+    assert run_example(bottleneck, quick(data, out), capsys)[0] == 0
+    before = tree(out)
+
+    def dies_half_way(model, path):
+        Path(path).write_bytes(b'half an HDF5 file')
+        raise KeyboardInterrupt
+    monkeypatch.setattr(weights, 'save_weights', dies_half_way)
+    code, _, _ = run_example(bottleneck, quick(data, out, '--epochs', 2), capsys)
+    assert code == 130
+    assert tree(out) == before and not [p for p in out.iterdir() if p.name.endswith('.tmp')]
+
+
+def test_ctrl_c_in_predict_keeps_what_was_printed(predict, trained, monkeypatch, capsys):
+    data, out = trained
+    photos = sorted((data / 'validation' / 'cats').glob('*.jpg'))
+    monkeypatch.setattr(predict, 'bottleneck_features', interrupt_on_call(2, predict.bottleneck_features))
+    code, stdout, stderr = run_example(predict, ['--head', out / 'head.h5', '--weights', 'random',
+                                                 '--batch-size', 2, *photos], capsys)
+    assert code == 130 and 'interrupted' in stderr
+    assert [Path(line.split('\t')[0]) for line in stdout.splitlines()] == photos[:2]
+
+
+def test_ctrl_c_in_finetuning_saves_nothing(finetune, trained, tmp_path, monkeypatch, capsys):
+    data, out = trained
+    monkeypatch.setattr(finetune, 'fit', interrupt_on_call(1, finetune.fit))
+    code, _, stderr = run_example(finetune, ['--data', data, '--head', out / 'head.h5', '--weights', 'random',
+                                             '--out', tmp_path / 'ft', '--epochs', 1, '--no-augment'], capsys)
+    assert code == 130 and 'nothing was saved' in stderr
+    assert not (tmp_path / 'ft').exists() or tree(tmp_path / 'ft') == {}
+
+
+def test_a_run_after_one_killed_mid_extraction_finishes_and_leaves_no_debris(bottleneck, tmp_path, capsys):
+    data = make_data(tmp_path / 'data')
+    cache = tmp_path / 'out' / 'cache'
+    cache.mkdir(parents=True)
+    (cache / 'train.h5.lock').write_text('')                        # a dead process's lock file
+    (cache / '.train.h5.abc123.tmp').write_bytes(b'half a cache')   # its complete file, half written
+    (cache / 'train.h5.partial').mkdir()
+    (cache / 'train.h5.partial' / '.rows_000000_000004.npz.x.tmp').write_bytes(b'half a batch')
+    code, _, stderr = run_example(bottleneck, quick(data, tmp_path / 'out'), capsys)
+    assert code == 0, stderr
+    assert not list(cache.rglob('*.tmp')) and not (cache / 'train.h5.partial').exists()
+    assert strict_json(tmp_path / 'out' / 'report.json')['n_train'] == 4
+
+
+# -- more misuse of the examples -------------------------------------------------------------------------
+
+@pytest.mark.parametrize('photo', ['missing', 'folder'])
+def test_predict_skips_a_photo_that_is_missing_or_a_folder_and_classifies_the_rest(photo, predict, trained,
+                                                                                   tmp_path, capsys):
+    data, out = trained
+    bad = tmp_path / 'nowhere.jpg' if photo == 'missing' else data / 'validation'
+    good = data / 'validation' / 'dogs' / '0.jpg'
+    code, stdout, stderr = run_example(predict, ['--head', out / 'head.h5', '--weights', 'random', bad, good],
+                                       capsys)
+    assert code == 1 and f'{bad}: skipped, cannot be read' in stderr and 'Traceback' not in stderr
+    assert stdout.startswith(f'{good}\t')
+
+
+def test_predict_with_a_head_that_is_not_hdf5_is_a_clear_error(predict, trained, tmp_path, capsys):
+    data, out = trained
+    head_file = copy_head(out, tmp_path)
+    head_file.write_bytes(b'not HDF5')
+    code, stdout, stderr = run_example(predict, ['--head', head_file, '--weights', 'random',
+                                                 data / 'validation' / 'dogs' / '0.jpg'], capsys)
+    assert code == 1 and stdout == '' and str(head_file) in stderr and 'Traceback' not in stderr
+
+
+def test_predict_with_head_json_disagreeing_with_head_h5_is_a_clear_error(predict, trained, tmp_path, capsys):
+    data, out = trained
+    head_file = copy_head(out, tmp_path)
+    description = head_file.with_suffix('.json')
+    description.write_text(json.dumps(dict(json.loads(description.read_text()), class_names=['a', 'b', 'c'])))
+    code, stdout, stderr = run_example(predict, ['--head', head_file, '--weights', 'random',
+                                                 data / 'validation' / 'dogs' / '0.jpg'], capsys)
+    assert code == 1 and stdout == '' and str(head_file) in stderr and 'Traceback' not in stderr
+
+
+def test_predict_without_a_head_says_to_train_one(predict, tmp_path, capsys):
+    code, _, stderr = run_example(predict, ['--head', tmp_path / 'head.h5', '--weights', 'random',
+                                            tmp_path / 'a.jpg'], capsys)
+    assert code == 1 and 'run examples/catdog_bottleneck.py first' in stderr
+
+
+def test_finetune_from_a_block_that_does_not_exist_lists_the_blocks(finetune, trained, tmp_path, capsys):
+    data, out = trained
+    code, _, stderr = run_example(finetune, ['--data', data, '--head', out / 'head.h5', '--weights', 'random',
+                                             '--out', tmp_path / 'ft', '--train-from', 'block99'], capsys)
+    assert code == 1 and "no block 'block99'" in stderr and 'block14' in stderr
+    assert not (tmp_path / 'ft').exists()
+
+
+def test_a_batch_larger_than_the_data_and_a_limit_larger_than_a_class_just_work(bottleneck, tmp_path, capsys):
+    data = make_data(tmp_path / 'data')
+    out = tmp_path / 'out'
+    code, _, stderr = run_example(bottleneck, quick(data, out, '--batch-size', 1000, '--limit', 1000,
+                                                    '--seed', 2**40), capsys)
+    assert code == 0, stderr
+    report = strict_json(out / 'report.json')
+    assert report['n_train'] == report['n_val'] == 4 and report['limit_per_class'] == 1000
+
+
+def test_a_report_in_a_folder_that_does_not_exist_yet_is_made(bottleneck, tmp_path, capsys):
+    data = make_data(tmp_path / 'data')
+    report = tmp_path / 'reports' / 'nested' / 'run.json'
+    code, _, stderr = run_example(bottleneck, quick(data, tmp_path / 'out', '--report', report), capsys)
+    assert code == 0, stderr
+    assert strict_json(report)['n_train'] == 4
