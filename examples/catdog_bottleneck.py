@@ -272,9 +272,8 @@ def write_report(args, features, history, scores, train_seconds, weights_id, hea
 
 
 def check_run(args):
-    """Before any work: the backend, one batch's memory, and every path the run will write."""
+    """Before any work: the backend and every path the run will write."""
     cli.use_backend(args.backend)
-    cli.check_batch_memory(args.image_size, args.batch_size)
     check_output_paths(folders={'--out folder': args.out, '--cache folder': args.cache},
                        files={'--report file': args.report})
 
@@ -284,6 +283,7 @@ def main(argv=None):
     try:
         check_run(args)
         splits = load_photos(args.data, args.limit)
+        cli.check_batch_memory(args.image_size, args.batch_size, max(len(folder) for folder in splits.values()))
         weights = get_weights(args.weights)
         features, weights_id = extract_bottleneck_features(splits, weights, args.image_size, args.batch_size,
                                                            args.cache, args.seed)

@@ -299,8 +299,8 @@ def main(argv=None):
             return show_augmentations(args, args.image_size or 299)
         head, description = load_head(args.head)
         image_size = args.image_size or description['image_size']
-        cli.check_batch_memory(image_size, args.batch_size)
         splits = load_photos(args.data, args.limit)
+        cli.check_batch_memory(image_size, args.batch_size, max(len(folder) for folder in splits.values()))
         weights = get_weights(args.weights)
         check_base(description, weights, args.head)
         network = build_network(weights, head, image_size, args.train_from, args.bn_statistics, args.seed,

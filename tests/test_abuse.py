@@ -188,15 +188,16 @@ def test_a_huge_image_size_is_refused_naming_the_size_and_the_batch_before_alloc
     code, _, stderr = run_example(bottleneck, quick(data, tmp_path / 'out', '--image-size', 200_000,
                                                     '--batch-size', 8), capsys)
     assert code == 1 and 'Traceback' not in stderr
-    assert '--image-size 200000 with --batch-size 8' in stderr and 'GiB' in stderr
+    assert '--image-size 200000 with --batch-size 8' in stderr and 'a batch of 4 photos' in stderr
     assert not (tmp_path / 'out').exists()
 
 
 def test_the_memory_check_passes_what_fits_and_refuses_what_does_not():
     assert cli.batch_memory(299, 32) < 2**30                      # the default run: under a GiB
     cli.check_batch_memory(299, 32, available=2**31)
-    with pytest.raises(cli.RunError, match='--image-size 299 with --batch-size 32'):
+    with pytest.raises(cli.RunError, match='--image-size 299 with --batch-size 32 .* a batch of 32 photos'):
         cli.check_batch_memory(299, 32, available=2**20)
+    cli.check_batch_memory(299, 10_000, photo_count=8, available=2**30)     # a batch is never more than the photos
 
 
 # -- output paths: checked up front, before extraction ----------------------------------------------
