@@ -120,7 +120,8 @@ def main(argv=None):
     try:
         cli.use_backend(args.backend)
         head, description = load_head(args.head)
-        cli.check_batch_memory(description['image_size'], args.batch_size, len(args.photos))
+        cli.check_batch_memory(description['image_size'], args.batch_size, len(args.photos),
+                               size_name=f"{Path(args.head).with_suffix('.json')}: image_size")
         weights = get_weights(args.weights)
         check_base(description, weights, args.head)
         base = build_base(weights, description['image_size'], seed=0)

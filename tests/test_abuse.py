@@ -722,6 +722,7 @@ def test_a_class_left_empty_by_skips_is_a_layout_error(bottleneck, tmp_path, cap
         photo.write_bytes(b'')
     code, _, stderr = run_example(bottleneck, quick(data, tmp_path / 'out'), capsys)
     assert code == 2 and 'validation' in stderr and 'dogs' in stderr and 'Traceback' not in stderr
+    assert f"skipped {data / 'validation' / 'dogs' / '0.jpg'}: empty file (0 bytes)" in stderr
     assert not (tmp_path / 'out').exists()
 
 
@@ -939,3 +940,37 @@ def test_a_report_in_a_folder_that_does_not_exist_yet_is_made(bottleneck, tmp_pa
     code, _, stderr = run_example(bottleneck, quick(data, tmp_path / 'out', '--report', report), capsys)
     assert code == 0, stderr
     assert strict_json(report)['n_train'] == 4
+
+
+def test_finetune_refuses_a_huge_image_size_before_loading_photos(finetune, trained, tmp_path, capsys):
+    data, out = trained
+    code, stdout, stderr = run_example(finetune, ['--data', data, '--head', out / 'head.h5', '--weights', 'random',
+                                                  '--out', tmp_path / 'ft', '--image-size', 300_000], capsys)
+    assert code == 1 and '--image-size 300000 with --batch-size 16' in stderr and 'Traceback' not in stderr
+    assert 'loaded' not in stdout and not (tmp_path / 'ft').exists()
+
+
+def test_predict_refuses_a_head_json_whose_image_size_would_not_fit(predict, trained, tmp_path, capsys):
+    data, out = trained
+    head_file = copy_head(out, tmp_path)
+    description = head_file.with_suffix('.json')
+    description.write_text(json.dumps(dict(json.loads(description.read_text()), image_size=300_000)))
+    code, stdout, stderr = run_example(predict, ['--head', head_file, '--weights', 'random',
+                                                 data / 'validation' / 'dogs' / '0.jpg'], capsys)
+    assert code == 1 and stdout == '' and f'{description}: image_size 300000 with --batch-size 16' in stderr
+
+
+def test_bottleneck_training_that_turns_nan_keeps_the_best_epoch_reports_null_and_exits_non_zero(
+        bottleneck, tmp_path, monkeypatch, capsys):
+    data = make_data(tmp_path / 'data')
+    out = tmp_path / 'out'
+    # one training batch and one validation pass per epoch: the 4th call, epoch 2's validation, is NaN
+    monkeypatch.setattr(bottleneck, 'head_loss', lambda class_count: Exploding(finite_calls=3))
+    code, _, stderr = run_example(bottleneck, quick(data, out, '--epochs', 3), capsys)
+    assert code == 1 and 'Traceback' not in stderr
+    assert 'training stopped, the validation loss became nan after epoch 2' in stderr
+    assert 'the head saved is that of epoch 1' in stderr
+    report = strict_json(out / 'report.json')
+    assert report['best_epoch'] == 1 and report['epochs'] == 2
+    assert report['history'][1]['val_loss'] is None and report['stopped'].startswith('the validation loss')
+    assert (out / 'head.h5').exists() and strict_json(out / 'head.json')['class_names'] == ['cats', 'dogs']

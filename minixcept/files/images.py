@@ -295,8 +295,11 @@ def find_image_folders(data_dir, required=('train', 'validation'), optional=('te
                  f"{folder.class_names or 'none'}")
         empty = [name for label, name in enumerate(folder.class_names) if not np.any(folder.labels == label)]
         if empty:
+            skips = [f'{path}: {reason}' for path, reason in folder.skipped
+                     if Path(path).relative_to(folder.root).parts[0] in empty]
             fail(f"{data_dir / split}: no photos ({', '.join(IMAGE_EXTENSIONS)}) in class folder(s) "
-                 f"{', '.join(empty)}", folder.class_names)
+                 f"{', '.join(empty)}" + ''.join(f'\n    skipped {skip}' for skip in skips[:5]),
+                 folder.class_names)
         folders[split] = folder
     first = folders[required[0]]
     for split, folder in folders.items():

@@ -121,15 +121,16 @@ def batch_memory(image_size, batch_size):
     return 4 * ACTIVATIONS_PER_PIXEL * image_size * image_size * batch_size
 
 
-def check_batch_memory(image_size, batch_size, photo_count=None, available=None):
+def check_batch_memory(image_size, batch_size, photo_count=None, available=None, size_name='--image-size'):
     """Raise RunError, naming the size and the batch, when one batch would not fit in memory:
     better than a MemoryError from inside a layer, or the machine swapping for an hour.
-    photo_count: the most photos a batch can hold here (a batch is never larger), if known."""
+    photo_count: the most photos a batch can hold here (a batch is never larger), if known;
+    size_name: where the size came from, for the message."""
     photos = batch_size if photo_count is None else max(1, min(batch_size, photo_count))
     needed = batch_memory(image_size, photos)
     available = available_memory() if available is None else available
     if needed > available:
-        raise RunError(f'--image-size {image_size} with --batch-size {batch_size} needs about '
+        raise RunError(f'{size_name} {image_size} with --batch-size {batch_size} needs about '
                        f'{needed / 2**30:,.1f} GiB for a batch of {photos:,} photos, and '
                        f'{available / 2**30:,.1f} GiB are free: use a smaller image size or batch size')
 
