@@ -37,11 +37,12 @@ from PIL import Image, ImageDraw  # noqa: E402
 
 import minixcept  # noqa: E402
 from catdog_bottleneck import DEFAULT_OUT, build_base, get_weights  # noqa: E402
-from catdog_predict import load_head  # noqa: E402
+from catdog_predict import check_base, load_head  # noqa: E402
 from minixcept.backend import BackendError  # noqa: E402
 from minixcept.errors import WeightsError  # noqa: E402
 from minixcept.files.images import ImageDecodeError, load_image  # noqa: E402
-from minixcept.workflows import explain  # noqa: E402
+from minixcept.files.paths import OutputPathError, check_output_paths  # noqa: E402
+from minixcept.workflows import cli, explain  # noqa: E402
 
 CAPTION_HEIGHT = 22          # pixels of text above the three panels
 HEAT_OPACITY = 0.55          # of the heat map over the photo where the map is at its peak
@@ -53,14 +54,16 @@ def parse_args(argv=None):
     parser.add_argument('--head', type=Path, default=DEFAULT_OUT / 'head.h5',
                         help='the head saved by catdog_bottleneck.py (its head.json must be beside it)')
     parser.add_argument('--layer', default='block14_sepconv2_act', help='the activation Grad-CAM looks at')
-    parser.add_argument('--samples', type=int, default=8, help='noisy copies averaged for the saliency map')
-    parser.add_argument('--noise', type=float, default=0.15,
+    parser.add_argument('--samples', type=cli.positive_int, default=8,
+                        help='noisy copies averaged for the saliency map')
+    parser.add_argument('--noise', type=cli.non_negative_float, default=0.15,
                         help="SmoothGrad's noise, as a fraction of the input's range")
     parser.add_argument('--out', type=Path, default=DEFAULT_OUT / 'explain', help='folder for the pictures')
-    parser.add_argument('--panel', type=int, default=None, help='side of each panel in pixels (default: image size)')
+    parser.add_argument('--panel', type=cli.positive_int, default=None,
+                        help='side of each panel in pixels (default: image size)')
     parser.add_argument('--palette', action='store_true',
                         help='save with 256 colours (a third of the size, for documentation)')
-    parser.add_argument('--weights', default=None,
+    parser.add_argument('--weights', type=cli.weights_file, default=None,
                         help='Xception notop weights file (default: fetched into weights/ when missing); '
                              'must be the base the head was trained on')
     parser.add_argument('--plain', action='store_true', help='saliency through the plain layers, not the engine')
@@ -117,10 +120,13 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         minixcept.use(args.backend)
+        check_output_paths(folders={'--out folder': args.out})
         head, description = load_head(args.head)
         size = description['image_size']
-        base = build_base(get_weights(args.weights), size, seed=0)
-    except (WeightsError, BackendError) as error:
+        weights = get_weights(args.weights)
+        check_base(description, weights, args.head)
+        base = build_base(weights, size, seed=0)
+    except (WeightsError, BackendError, OutputPathError) as error:
         print(f'error: {error}', file=sys.stderr)
         return 1
     if args.layer not in {layer.name for layer in base.layers}:

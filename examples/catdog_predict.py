@@ -20,7 +20,8 @@ sys.path.insert(0, str(HERE))
 import numpy as np  # noqa: E402
 
 import minixcept  # noqa: E402
-from catdog_bottleneck import DEFAULT_OUT, RANDOM_WEIGHTS, build_base, build_head, class_probabilities, get_weights  # noqa: E402,E501
+from catdog_bottleneck import (DEFAULT_OUT, RANDOM_WEIGHTS, build_base, build_head,  # noqa: E402
+                               class_probabilities, get_weights)
 from minixcept.backend import BackendError  # noqa: E402
 from minixcept.errors import WeightsError  # noqa: E402
 from minixcept.workflows import cli  # noqa: E402

@@ -32,6 +32,7 @@ import numpy as np  # noqa: E402
 
 import minixcept  # noqa: E402
 from minixcept import layers  # noqa: E402
+from minixcept.workflows import cli  # noqa: E402
 
 ROWS = ('full', 'factorised', 'pointwise_depthwise', 'depthwise_pointwise', 'factorised_depthwise')
 TITLES = {'full': 'full convolution', 'factorised': 'factorised 1xk, kx1', 'pointwise_depthwise':
@@ -41,15 +42,20 @@ TITLES = {'full': 'full convolution', 'factorised': 'factorised 1xk, kx1', 'poin
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description='Weights, multiply-adds and time of separable convolutions.')
-    parser.add_argument('--cin', type=int, default=16, help='input channels')
-    parser.add_argument('--cout', type=int, default=32, help='output channels')
-    parser.add_argument('--kernel', type=int, default=3, help='side of the window')
-    parser.add_argument('--size', type=int, default=64, help='side M of the M x M input of the one-layer table')
-    parser.add_argument('--batch', type=int, default=8, help='inputs per timed pass in the one-layer table')
-    parser.add_argument('--network-size', type=int, default=150, help='photo side for the network table (>= 71)')
-    parser.add_argument('--network-batch', type=int, default=2, help='photos per timed network pass')
-    parser.add_argument('--deeper', type=int, default=16, help='middle_blocks of the deeper variant (paper: 8)')
-    parser.add_argument('--wider', type=int, default=1024, help='middle_width of the wider variant (paper: 728)')
+    parser.add_argument('--cin', type=cli.positive_int, default=16, help='input channels')
+    parser.add_argument('--cout', type=cli.positive_int, default=32, help='output channels')
+    parser.add_argument('--kernel', type=cli.positive_int, default=3, help='side of the window')
+    parser.add_argument('--size', type=cli.positive_int, default=64,
+                        help='side M of the M x M input of the one-layer table')
+    parser.add_argument('--batch', type=cli.positive_int, default=8,
+                        help='inputs per timed pass in the one-layer table')
+    parser.add_argument('--network-size', type=cli.image_size, default=150,
+                        help='photo side for the network table (>= 71)')
+    parser.add_argument('--network-batch', type=cli.positive_int, default=2, help='photos per timed network pass')
+    parser.add_argument('--deeper', type=cli.positive_int, default=16,
+                        help='middle_blocks of the deeper variant (paper: 8)')
+    parser.add_argument('--wider', type=cli.positive_int, default=1024,
+                        help='middle_width of the wider variant (paper: 728)')
     parser.add_argument('--no-network', action='store_true', help='only the one-layer table')
     parser.add_argument('--backend', choices=('numpy', 'cupy'), default='numpy')
     return parser.parse_args(argv)

@@ -155,6 +155,13 @@ REFUSED = [
     ('catdog_predict', '--batch-size', '-1'),
     ('catdog_predict', '--batch-size', '0'),
     ('catdog_predict', '--weights', 'MISSING'),
+    ('catdog_explain', '--samples', '0'),
+    ('catdog_explain', '--noise', '-0.1'),
+    ('catdog_explain', '--panel', '-5'),
+    ('catdog_explain', '--weights', 'MISSING'),
+    ('separable_cost', '--kernel', '0'),
+    ('separable_cost', '--batch', '-2'),
+    ('separable_cost', '--network-size', '32'),
 ]
 
 
@@ -163,8 +170,9 @@ def test_a_bad_argument_is_refused_before_any_work(example, option, value, tmp_p
     value = {'MISSING': str(tmp_path / 'nowhere.h5'), 'FOLDER': str(tmp_path)}.get(value, value)
     data = tmp_path / 'data'                       # never looked at: the arguments come first
     out = tmp_path / 'out'
-    argv = ({'catdog_predict': [str(tmp_path / 'photo.jpg')]}.get(example, ['--data', str(data), '--out', str(out)])
-            + [option, value])
+    photo = [str(tmp_path / 'photo.jpg')]
+    argv = ({'catdog_predict': photo, 'catdog_explain': photo + ['--out', str(out)], 'separable_cost': []}
+            .get(example, ['--data', str(data), '--out', str(out)]) + [option, value])
     with pytest.raises(SystemExit) as stop:
         load_example(example).main(argv)
     assert stop.value.code == ARGUMENT_ERROR
@@ -245,6 +253,22 @@ def test_an_out_folder_below_a_file_is_refused(tmp_path):
 def test_the_output_check_creates_nothing(tmp_path):
     check_output_paths(folders={'out': tmp_path / 'a' / 'b'}, files={'report': tmp_path / 'c' / 'r.json'})
     assert list(tmp_path.iterdir()) == []
+
+
+def test_explain_refuses_an_out_that_is_a_file_and_a_head_of_another_base(trained, notop_weights, tmp_path,
+                                                                         capsys):
+    data, out = trained
+    explain = load_example('catdog_explain')
+    photo = data / 'validation' / 'cats' / '0.jpg'
+    target = tmp_path / 'taken'
+    target.write_text('precious\n')
+    code, _, stderr = run_example(explain, ['--head', out / 'head.h5', '--weights', 'random', '--out', target,
+                                            photo], capsys)
+    assert code == 1 and 'is a file, not a folder' in stderr and target.read_text() == 'precious\n'
+    code, _, stderr = run_example(explain, ['--head', out / 'head.h5', '--weights', notop_weights,
+                                            '--out', tmp_path / 'pictures', photo], capsys)
+    assert code == 1 and 'the head was trained on the base weights random-init-seed-0' in stderr
+    assert not (tmp_path / 'pictures').exists()
 
 
 def test_finetune_refuses_an_out_that_is_a_file(finetune, trained, tmp_path, capsys):

@@ -60,6 +60,17 @@ def positive_float(text):
     return value
 
 
+def non_negative_float(text):
+    """A finite float >= 0 (an amount of noise)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'{text!r} is not a number') from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f'{text} is not a finite number of 0 or more')
+    return value
+
+
 def image_size(text):
     """A square input side Xception can take: an int >= 71."""
     value = _integer(text)
