@@ -38,7 +38,8 @@ def preprocess_input(images):
 def xception_input_shape(input_shape, include_top, weights):
     """The input shape Xception is built for, decided as keras.applications.Xception decides it.
 
-    Left out (None): (299, 299, 3) with the top, (None, None, 3) - any size - without it.
+    None, as Keras's own default: (299, 299, 3) with the top, (None, None, 3) - any size -
+    without it.
     Given: (height, width, 3) with each side >= 71 or None; the top needs both sides fixed,
     and with the ImageNet weights exactly 299 x 299 (its Dense layer was trained on that).
     Raises ShapeError naming the shape otherwise.
@@ -59,22 +60,23 @@ def xception_input_shape(input_shape, include_top, weights):
 
 
 class Xception(Model):
-    """Xception(include_top=True, weights=None, input_shape=None, pooling=None, classes=1000,
-    middle_blocks=8, middle_width=728).
+    """Xception(include_top=True, weights=None, input_shape=(299, 299, 3), pooling=None,
+    classes=1000, middle_blocks=8, middle_width=728).
 
     weights: None (random initialisation), 'imagenet' (fetched as the weights/ script
     does), or the path of a Keras HDF5 / .keras file.
-    input_shape: (height, width, 3), each side >= 71 or None for any size, as in Keras:
-    left out, it is (299, 299, 3) with the top and (None, None, 3) without it; the top
-    needs fixed sides, 299 x 299 with the ImageNet weights. A side left free is checked
-    when the model is called.
+    input_shape: (height, width, 3), each side >= 71 or None for any size. Left out, it is
+    299 x 299, the ImageNet size, so that shapes and multiply-adds are known at once;
+    input_shape=None decides as Keras's default does: (299, 299, 3) with the top and
+    (None, None, 3) without it. The top needs fixed sides, 299 x 299 with the ImageNet
+    weights. A side left free is checked when the model is called.
     pooling (without the top): None (the 4-D block14 output), 'avg' or 'max'.
     middle_blocks: depth of the middle flow (8 in the paper).
     middle_width: channels of the middle flow (728 in the paper; block 4 widens to it and
     block 13 starts from it).
     """
 
-    def __init__(self, include_top=True, weights=None, input_shape=None, pooling=None,
+    def __init__(self, include_top=True, weights=None, input_shape=(DEFAULT_SIDE, DEFAULT_SIDE, 3), pooling=None,
                  classes=1000, middle_blocks=8, middle_width=728, name='xception'):
         input_shape = xception_input_shape(input_shape, include_top, weights)
         if pooling not in (None, 'avg', 'max'):

@@ -89,7 +89,7 @@ def test_any_size_model_matches_stored_keras(xp, notop_weights, height, width):
     with np.load(REFERENCE_DIR / any_size.forward_fixture(height, width)) as arrays:
         expected = dict(arrays)
     assert expected['image'].shape == (1, height, width, 3)
-    model = minixcept.Xception(include_top=False, weights=notop_weights)
+    model = minixcept.Xception(include_top=False, weights=notop_weights, input_shape=None)
     assert model.input_shape == (None, None, 3)
     assert_matches_forward_summary(model, expected, f"any size, {height} x {width} vs stored Keras")
 
@@ -191,10 +191,13 @@ def test_notop_split_is_the_published_one():
     assert (counts['trainable_notop'], counts['non_trainable_notop']) == (20_806_952, 54_528)
 
 
-def test_default_input_shapes_are_keras_defaults():
-    """input_shape left out: (None, None, 3) without the top, (299, 299, 3) with it, as Keras decides."""
+def test_input_shape_none_decides_as_keras_default():
+    """input_shape=None: (None, None, 3) without the top, (299, 299, 3) with it, as Keras decides;
+    left out, it is the documented 299 x 299 either way."""
     counts = any_size_counts()
-    notop, top = minixcept.Xception(include_top=False), minixcept.Xception(include_top=True)
+    notop = minixcept.Xception(include_top=False, input_shape=None)
+    top = minixcept.Xception(include_top=True, input_shape=None)
+    assert minixcept.Xception(include_top=False).input_shape == (299, 299, 3)
     assert [str(side) for side in notop.input_shape] == list(counts['notop_input_shape'])
     assert top.input_shape == tuple(counts['top_input_shape'])
     assert minixcept.Xception(include_top=False, input_shape=(None, None, 3)).input_shape == (None, None, 3)
@@ -206,7 +209,7 @@ def test_default_input_shapes_are_keras_defaults():
 def test_summary_of_the_any_size_model():
     """None for the free sizes; multiply-adds only for a size passed in, equal to Keras's there."""
     counts = any_size_counts()
-    model = minixcept.Xception(include_top=False)
+    model = minixcept.Xception(include_top=False, input_shape=None)
     lines = []
     model.summary(print_fn=lines.append)
     text = '\n'.join(lines)
@@ -271,7 +274,7 @@ def test_constructor_rejects_what_keras_rejects_with_free_sizes(include_top, inp
 
 @pytest.mark.parametrize('batch_shape', [(1, 70, 71, 3), (1, 71, 70, 3), (1, 70, 70, 3), (1, 71, 71, 4)])
 def test_any_size_model_rejects_sides_below_71_when_called(xp, batch_shape):
-    model = minixcept.Xception(include_top=False)
+    model = minixcept.Xception(include_top=False, input_shape=None)
     with pytest.raises(minixcept.ShapeError) as error:
         model.forward(xp.zeros(batch_shape, dtype=xp.float32))
     message = str(error.value)
@@ -283,7 +286,7 @@ def test_any_size_model_rejects_sides_below_71_when_called(xp, batch_shape):
 @pytest.mark.parametrize('height, width', [(71, 71), (71, 90)])
 def test_any_size_model_runs_from_71(xp, height, width):
     """The smallest side Keras takes, on both the plain layers and the inference engine."""
-    model = minixcept.Xception(include_top=False, pooling='avg')
+    model = minixcept.Xception(include_top=False, pooling='avg', input_shape=None)
     x = xp.asarray(np.random.default_rng(0).uniform(-1, 1, (1, height, width, 3)).astype(np.float32))
     with minixcept.no_grad():
         y, captured = model.forward(x, capture=['block14_sepconv2_act'])

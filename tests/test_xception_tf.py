@@ -136,7 +136,7 @@ def test_any_size_model_matches_keras_with_real_weights(catdog, notop_weights, k
     images = reference.load_photos(catdog, (height, width))
     expected = reference.keras_activations(
         keras_any_size, keras.applications.xception.preprocess_input(images.astype(np.float32)))
-    model = minixcept.Xception(include_top=False, weights=notop_weights)
+    model = minixcept.Xception(include_top=False, weights=notop_weights, input_shape=None)
     with minixcept.no_grad():
         _, activations = model.forward(minixcept.preprocess_input(images), capture='all')
     assert len(activations) == len(expected) == 131
