@@ -168,6 +168,8 @@ class Model:
         one, as ``forward`` does. The engine is kept for the model from call to call (with the
         memory it reuses) and folds the weights again whenever they change.
         """
+        if len(x) == 0:
+            raise ValueError(f"model {self.name!r}: predict needs at least one input, got {tuple(x.shape)}")
         if fast:
             from .engines.inference import engine_for
             run = engine_for(self)

@@ -998,3 +998,9 @@ def test_bottleneck_training_that_turns_nan_keeps_the_best_epoch_reports_null_an
     assert report['best_epoch'] == 1 and report['epochs'] == 2
     assert report['history'][1]['val_loss'] is None and report['stopped'].startswith('the validation loss')
     assert (out / 'head.h5').exists() and strict_json(out / 'head.json')['class_names'] == ['cats', 'dogs']
+
+
+@pytest.mark.parametrize('fast', [True, False])
+def test_predict_on_no_input_is_a_clear_error(tiny_model, fast):
+    with pytest.raises(ValueError, match=r"model 'tiny': predict needs at least one input, got \(0, 8, 8, 3\)"):
+        tiny_model.predict(np.zeros((0, 8, 8, 3), np.float32), fast=fast)     # was np.concatenate's error
