@@ -1004,3 +1004,24 @@ def test_bottleneck_training_that_turns_nan_keeps_the_best_epoch_reports_null_an
 def test_predict_on_no_input_is_a_clear_error(tiny_model, fast):
     with pytest.raises(ValueError, match=r"model 'tiny': predict needs at least one input, got \(0, 8, 8, 3\)"):
         tiny_model.predict(np.zeros((0, 8, 8, 3), np.float32), fast=fast)     # was np.concatenate's error
+
+
+# -- concurrent runs ------------------------------------------------------------------------------------
+
+def test_two_runs_at_once_on_the_same_out_and_cache_both_finish_and_leave_whole_files(tmp_path):
+    data = make_data(tmp_path / 'data', per_class=3)
+    out = tmp_path / 'out'
+    example = REPO / 'examples' / 'catdog_bottleneck.py'
+    env = {key: value for key, value in os.environ.items() if key != 'MINIXCEPT_BACKEND'}
+    env['PYTHONPATH'] = str(REPO)
+    runs = [subprocess.Popen([sys.executable, str(example), *map(str, quick(data, out, '--batch-size', 2))],
+                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    for run in runs:
+        _, stderr = run.communicate(timeout=300)
+        assert run.returncode == 0, stderr
+    report = strict_json(out / 'report.json')
+    assert report['n_train'] == report['n_val'] == 6
+    assert report['photos_computed'] in (0, 12)          # the second either waited for the cache or raced it
+    head, description = load_example('catdog_predict').load_head(out / 'head.h5')
+    assert description['class_names'] == ['cats', 'dogs']
+    assert not list(out.rglob('*.tmp')) and not list(out.rglob('*.partial'))
