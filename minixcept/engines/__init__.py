@@ -14,7 +14,9 @@ import weakref
 class KeptPerModel:
     """One engine of a kind per model, made on first use (``make(model)``) and kept as long as
     the model lives, with its buffer pools. A kept engine holds its model only weakly
-    (``Engine.let_model_go``): otherwise the keeping would keep every model alive for good."""
+    (``Engine.let_model_go``): otherwise the keeping would keep every model alive for good.
+    So keep the model while you use its kept engine (``engine_for(Model(...))`` alone is gone
+    at once)."""
 
     def __init__(self, make):
         self._make = make
@@ -37,7 +39,11 @@ class Engine:
 
     @property
     def model(self):
-        return self._model_ref()
+        model = self._model_ref()
+        if model is None:
+            raise RuntimeError("this engine was kept for a model that is gone (a kept engine holds its model "
+                               "weakly: keep a reference to the model while you use its engine)")
+        return model
 
     def let_model_go(self):
         """Hold the model only weakly from now on (for an engine kept beside it)."""

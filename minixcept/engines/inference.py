@@ -37,7 +37,8 @@ list of *steps*:
   on its share of each step's blocks), with the BLAS library held to one thread
   (see ``InferenceEngine``).
 
-Everything else (global pooling, the classifier head) runs through the layer's
+The work on one tile, the pools and the threads are ``minixcept.engines.kernels``; this
+module adds the steps that use them and their plan. Everything else (global pooling, the classifier head) runs through the layer's
 own ``forward``. The engine folds the weights when it plans, and plans again
 whenever a layer's ``weights_version`` changed since (``set_weights``, an
 optimizer step, ``load_weights``): a fold is never stale. It never writes into the

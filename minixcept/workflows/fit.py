@@ -136,13 +136,13 @@ def evaluate(model, x, y, loss, batch_size=256, fast=True):
     """
     if len(x) == 0:
         raise ValueError('evaluate: no examples to evaluate (x is empty)')
-    model = runner_for(model, fast)
+    runner = runner_for(model, fast)         # (model stays referenced: a kept engine holds it weakly)
     total_loss, correct = 0.0, 0
     with no_grad():
         for start in range(0, len(x), batch_size):
             indices = np.arange(start, min(start + batch_size, len(x)))
             xb, yb = _batch(x, y, indices)
-            outputs = model.forward(xb, training=False)
+            outputs = runner.forward(xb, training=False)
             total_loss += float(loss.forward(outputs, yb)) * len(indices)     # loss is a batch mean
             correct += int((predicted_classes(outputs, loss) == yb.reshape(-1)).sum())
     return {'loss': total_loss / len(x), 'accuracy': correct / len(x)}
@@ -182,7 +182,7 @@ def fit(model, x, y, loss, optimizer, epochs, batch_size=32, validation_data=Non
         raise ValueError(f'fit: epochs and batch_size must be at least 1, got {epochs} and {batch_size}')
     if len(x) == 0:
         raise ValueError('fit: no training examples (x is empty)')
-    model = runner_for(model, fast)
+    runner = runner_for(model, fast)         # (model stays referenced: a kept engine holds it weakly)
     order_rng = np.random.default_rng(seed)
     history, best_loss = History(), np.inf
     best_snapshot = _snapshot(model) if restore_best_weights else None     # the start, until an epoch beats it
@@ -194,15 +194,15 @@ def fit(model, x, y, loss, optimizer, epochs, batch_size=32, validation_data=Non
                     if verbose else None)
         for done, batch_indices in enumerate(np.array_split(order_rng.permutation(len(x)), n_batches), 1):
             xb, yb = _batch(x, y, batch_indices)
-            outputs = model.forward(xb, training=True)
+            outputs = runner.forward(xb, training=True)
             batch_loss = float(loss.forward(outputs, yb))
             if not math.isfinite(batch_loss):       # diverged: more steps only spread the NaN
                 history.stopped = f'the training loss became {batch_loss} in epoch {epoch}'
                 break
             total_loss += batch_loss * len(batch_indices)
             correct += int((predicted_classes(outputs, loss) == yb.reshape(-1)).sum())
-            model.backward(loss.backward(), stop_at=stop_at)
-            optimizer.apply_gradients(model.layers)
+            runner.backward(loss.backward(), stop_at=stop_at)
+            optimizer.apply_gradients(runner.layers)
             seen += len(batch_indices)
             if progress is not None:
                 progress.update(done, seen)
@@ -212,7 +212,7 @@ def fit(model, x, y, loss, optimizer, epochs, batch_size=32, validation_data=Non
             break
         record = {'epoch': epoch, 'loss': total_loss / len(x), 'accuracy': correct / len(x)}
         if validation_data is not None:
-            scores = evaluate(model, *validation_data, loss)
+            scores = evaluate(model, *validation_data, loss, fast=fast)
             record.update(val_loss=scores['loss'], val_accuracy=scores['accuracy'])
         record['seconds'] = time.monotonic() - started
         history.epochs.append(record)
