@@ -10,6 +10,9 @@ Pick the backend with the environment variable ``MINIXCEPT_BACKEND=numpy|cupy``
 or at run time with ``minixcept.use('cupy')``. A choice in the environment that cannot
 be honoured (no CuPy, no GPU, an unknown name) does not stop ``import minixcept``: it is
 raised as a BackendError when the backend is first used, unless ``use`` chose another.
+
+``install_cupy(module)`` is the one hook for tests: it makes another module stand in for
+cupy (the test suite's strict CPU stand-in), so the GPU path runs where no GPU is.
 """
 import os
 
@@ -44,6 +47,14 @@ def _load_cupy():
         raise BackendError("backend 'cupy' found no usable GPU: 0 CUDA devices")
     _cupy = cupy
     return cupy
+
+
+def install_cupy(module):
+    """Use ``module`` as cupy from now on, without looking for a GPU; ``None`` goes back to
+    importing the real cupy when asked. Returns the module used until now, to put back."""
+    global _cupy
+    previous, _cupy = _cupy, module
+    return previous
 
 
 def gpu_available():

@@ -5,6 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import cupy_standin
 import minixcept
 from minixcept import backend
 
@@ -22,14 +23,18 @@ def _missing(reason):
     pytest.skip(reason)
 
 
-@pytest.fixture(params=['numpy', 'cupy'])
+@pytest.fixture(params=['numpy', 'standin', 'cupy'])
 def xp(request):
-    """The array module to test on: NumPy always, CuPy when a GPU is present."""
+    """The array module to test on: NumPy; the strict CPU stand-in for CuPy (cupy_standin.py),
+    which fails where real CuPy would; real CuPy when a GPU is present."""
     if request.param == 'cupy' and not backend.gpu_available():
         pytest.skip('no GPU: cupy is not installed or sees no CUDA device')
     previous = backend.current()
-    backend.use(request.param)
+    previous_cupy = backend.install_cupy(cupy_standin.module) if request.param == 'standin' else None
+    backend.use('numpy' if request.param == 'numpy' else 'cupy')
     yield backend.xp()
+    if request.param == 'standin':
+        backend.install_cupy(previous_cupy)
     backend.use(previous)
 
 
@@ -84,6 +89,6 @@ def rng():
 def relative_error(ours, reference):
     """max |a - b| / max |b|: one scale-free number for a comparison with TensorFlow, set against
     the largest reference value so that tiny entries near zero do not dominate."""
-    ours, reference = minixcept.asnumpy(ours).astype(np.float64), np.asarray(reference, np.float64)
+    ours, reference = (minixcept.asnumpy(a).astype(np.float64) for a in (ours, reference))
     assert ours.shape == reference.shape, f"shape {ours.shape} != reference {reference.shape}"
     return float(np.abs(ours - reference).max() / np.abs(reference).max())
