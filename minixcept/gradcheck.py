@@ -42,9 +42,10 @@ def numerical_gradient(f, array, dout, eps=1e-6):
     keeps this right for non-contiguous arrays such as transposed views.
     """
     grad = np.zeros(array.shape, dtype=np.float64)
+    originals = asnumpy(array).copy()     # one copy to the host, not one per element on a GPU
     dout_sum = lambda: float((f() * dout).sum())  # noqa: E731
     for index in np.ndindex(*array.shape):
-        original = array[index].item()
+        original = originals[index].item()
         array[index] = original + eps
         plus = dout_sum()
         array[index] = original - eps
