@@ -1,4 +1,5 @@
 """Shared fixtures: the backends to run on, TensorFlow when present, the real weights and photos."""
+import contextlib
 import os
 from pathlib import Path
 
@@ -23,19 +24,29 @@ def _missing(reason):
     pytest.skip(reason)
 
 
+@contextlib.contextmanager
+def array_backend(name):
+    """Within: new arrays on 'numpy', on 'standin' (the strict CPU stand-in for CuPy in
+    cupy_standin.py, which fails where real CuPy would) or on 'cupy' (a real GPU). Yields
+    the array module."""
+    previous = backend.current()
+    previous_cupy = backend.install_cupy(cupy_standin.module) if name == 'standin' else None
+    try:
+        backend.use('numpy' if name == 'numpy' else 'cupy')
+        yield backend.xp()
+    finally:
+        if name == 'standin':
+            backend.install_cupy(previous_cupy)
+        backend.use(previous)
+
+
 @pytest.fixture(params=['numpy', 'standin', 'cupy'])
 def xp(request):
-    """The array module to test on: NumPy; the strict CPU stand-in for CuPy (cupy_standin.py),
-    which fails where real CuPy would; real CuPy when a GPU is present."""
+    """The array module to test on: NumPy; the CPU stand-in for CuPy; CuPy when a GPU is present."""
     if request.param == 'cupy' and not backend.gpu_available():
         pytest.skip('no GPU: cupy is not installed or sees no CUDA device')
-    previous = backend.current()
-    previous_cupy = backend.install_cupy(cupy_standin.module) if request.param == 'standin' else None
-    backend.use('numpy' if request.param == 'numpy' else 'cupy')
-    yield backend.xp()
-    if request.param == 'standin':
-        backend.install_cupy(previous_cupy)
-    backend.use(previous)
+    with array_backend(request.param) as module:
+        yield module
 
 
 @pytest.fixture(scope='session')
