@@ -24,6 +24,32 @@ def _missing(reason):
     pytest.skip(reason)
 
 
+BACKENDS = ('numpy', 'standin', 'cupy')
+
+
+def pytest_addoption(parser):
+    parser.addoption('--backends', default=','.join(BACKENDS),
+                     help='comma-separated backends to run the backend-parametrised tests on; tests '
+                          'without a backend run only when numpy is among them (--backends=cupy: '
+                          'the GPU half alone, as benchmarks/gpu_check.py runs it)')
+
+
+def pytest_collection_modifyitems(config, items):
+    wanted = set(config.getoption('--backends').split(','))
+    if wanted - set(BACKENDS):
+        raise pytest.UsageError(f'--backends: unknown {sorted(wanted - set(BACKENDS))}, choose from {BACKENDS}')
+    if wanted == set(BACKENDS):
+        return
+    kept, dropped = [], []
+    for item in items:
+        params = getattr(item, 'callspec', None)
+        params = params.params if params is not None else {}
+        on = params.get('xp', params.get('device', 'numpy'))
+        (kept if on in wanted else dropped).append(item)
+    config.hook.pytest_deselected(items=dropped)
+    items[:] = kept
+
+
 @contextlib.contextmanager
 def array_backend(name):
     """Within: new arrays on 'numpy', on 'standin' (the strict CPU stand-in for CuPy in
@@ -40,7 +66,7 @@ def array_backend(name):
         backend.use(previous)
 
 
-@pytest.fixture(params=['numpy', 'standin', 'cupy'])
+@pytest.fixture(params=BACKENDS)
 def xp(request):
     """The array module to test on: NumPy; the CPU stand-in for CuPy; CuPy when a GPU is present."""
     if request.param == 'cupy' and not backend.gpu_available():
