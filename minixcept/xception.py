@@ -18,6 +18,7 @@ Two details of the graph matter for correctness (and have broken ports):
 """
 import numpy as np
 
+from .backend import get_array_module
 from .errors import ShapeError
 from .layers import (Activation, Add, BatchNormalization, Conv2D, Dense, GlobalAveragePooling2D,
                      GlobalMaxPooling2D, MaxPooling2D, SeparableConv2D)
@@ -30,9 +31,11 @@ DEFAULT_SIDE = 299     # the ImageNet training size
 def preprocess_input(images):
     """Scale RGB pixel values from [0, 255] to [-1, 1]: x / 127.5 - 1 (Keras's 'tf' mode, no mean subtraction).
 
-    Accepts uint8 or float arrays of any shape ending in 3 channels; returns float32.
+    Accepts uint8 or float arrays of any shape ending in 3 channels, NumPy (or lists) or CuPy;
+    returns float32 on the same side.
     """
-    return np.asarray(images, dtype=np.float32) / np.float32(127.5) - np.float32(1.0)
+    xp = get_array_module(images)
+    return xp.asarray(images, dtype=np.float32) / np.float32(127.5) - np.float32(1.0)
 
 
 def xception_input_shape(input_shape, include_top, weights):
