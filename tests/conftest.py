@@ -25,6 +25,7 @@ def _missing(reason):
 
 
 BACKENDS = ('numpy', 'standin', 'cupy')
+BACKEND_FIXTURES = ('xp', 'device', 'gpu')      # the fixtures parametrised over BACKENDS (or a part)
 
 
 def pytest_addoption(parser):
@@ -44,7 +45,7 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         params = getattr(item, 'callspec', None)
         params = params.params if params is not None else {}
-        on = params.get('xp', params.get('device', 'numpy'))
+        on = next((params[name] for name in BACKEND_FIXTURES if name in params), 'numpy')
         (kept if on in wanted else dropped).append(item)
     config.hook.pytest_deselected(items=dropped)
     items[:] = kept
