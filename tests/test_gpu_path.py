@@ -89,11 +89,9 @@ def test_training_engine_on_device_runs_every_plain_layer_on_the_calling_thread(
             assert relative_error(gradient, expected_grads[layer.name][name]) <= 1e-5, (layer.name, name)
 
 
-def test_the_same_engine_on_numpy_fuses_and_shares_out(xp):
+def test_the_same_engine_on_numpy_fuses_and_shares_out():
     """The control for the test above: on NumPy the training engine skips the layers it fuses
     and runs shares of the batch on worker threads."""
-    if xp is not np:
-        pytest.skip('the NumPy half of the comparison')
     model = small_xception()
     calls = record_layer_calls(model)
     engine = GradientEngine(model, threads=2)

@@ -118,8 +118,7 @@ MUTATIONS = {
         loss_value, (cupy_standin.DeviceRuleError, 'host-side scalar loop')),
     'missing asnumpy before saving': (
         (base.Layer, 'get_weights'),
-        [('return [backend.asnumpy(self.params[name]) for name in self.weight_names]',
-          'return [self.params[name] for name in self.weight_names]')],
+        [('backend.asnumpy(self.params[name])', 'self.params[name]')],
         saved_weights, (TypeError, 'Implicit conversion to a NumPy array')),
     'np.add.at (scatter) for the max-pooling gradient': (
         (pooling, 'max_pool2d_backward'),
