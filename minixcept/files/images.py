@@ -77,7 +77,9 @@ def load_image(path, target_size=None, interpolation='bilinear'):
        default is 'bilinear', what Keras's ``image_dataset_from_directory`` uses.
 
     EXIF orientation is not applied, as in Keras. Raises ImageDecodeError naming the file
-    when it cannot be read, is empty or cannot be decoded.
+    when it cannot be read, is empty or cannot be decoded, or when its header declares more
+    pixels than Pillow's ``Image.MAX_IMAGE_PIXELS`` (a decompression bomb: refused before
+    any pixel is decoded).
     """
     if interpolation not in INTERPOLATIONS:
         raise ValueError(f"unknown interpolation {interpolation!r}: choose one of {sorted(INTERPOLATIONS)}")

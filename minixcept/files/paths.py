@@ -1,4 +1,4 @@
-"""Output paths: checked before a run starts, written so that a reader never sees half a file.
+"""Output paths, checked before a run starts.
 
 A run that will write a report after twenty minutes of extraction should learn in its first
 second that the report's folder is read-only, or is a file. ``check_output_paths`` looks at

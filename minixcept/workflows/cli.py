@@ -13,6 +13,7 @@ import math
 import os
 from pathlib import Path
 
+from .. import backend
 from ..files.atomic import write_atomically
 
 #: Xception's smallest input side: five stride-2 stages must leave at least one pixel.
@@ -108,7 +109,6 @@ class RunError(RuntimeError):
 def use_backend(name):
     """Switch to the backend ``name``; with None, check the one $MINIXCEPT_BACKEND chose (a
     bad choice there is reported now, as a BackendError, not when ``minixcept`` was imported)."""
-    from .. import backend
     if name is None:
         backend.xp()
     else:
