@@ -166,7 +166,9 @@ class Model:
         agrees with the layers to float32 rounding and runs Xception about 2.5 times as fast
         on a 2-core CPU (benchmarks/RESULTS.md). ``fast=False`` runs the plain layers one by
         one, as ``forward`` does. The engine is kept for the model from call to call (with the
-        memory it reuses) and folds the weights again whenever they change.
+        memory it reuses) and folds the weights again whenever they change. On CuPy arrays it
+        runs the same folded, fused steps as whole-batch device operations on the calling
+        thread (threads, tiles and BLAS pinning are for NumPy; tests/test_gpu_path.py).
         """
         if len(x) == 0:
             raise ValueError(f"model {self.name!r}: predict needs at least one input, got {tuple(x.shape)}")
