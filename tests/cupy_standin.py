@@ -413,7 +413,7 @@ def _from_host(numpy_function):
                 and numpy_function is not numpy.array:
             return obj
         result = numpy_function(_host_data(obj), dtype, *args, **kwargs)
-        if result is obj or (isinstance(obj, numpy.ndarray) and numpy.shares_memory(result, obj)):
+        if result is obj or (isinstance(obj, numpy.ndarray) and numpy.may_share_memory(result, obj)):
             result = result.copy()                  # the device has its own memory
         return _wrap(result)
     function.__name__ = numpy_function.__name__
