@@ -50,24 +50,28 @@ def non_negative_int(text):
     return value
 
 
-def positive_float(text):
-    """A finite float > 0 (a learning rate)."""
+def _finite_float(text):
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f'{text!r} is not a number') from None
-    if not math.isfinite(value) or value <= 0:
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f'{text} is not a finite number')
+    return value
+
+
+def positive_float(text):
+    """A finite float > 0 (a learning rate)."""
+    value = _finite_float(text)
+    if value <= 0:
         raise argparse.ArgumentTypeError(f'{text} is not a finite number above 0')
     return value
 
 
 def non_negative_float(text):
     """A finite float >= 0 (an amount of noise)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f'{text!r} is not a number') from None
-    if not math.isfinite(value) or value < 0:
+    value = _finite_float(text)
+    if value < 0:
         raise argparse.ArgumentTypeError(f'{text} is not a finite number of 0 or more')
     return value
 
