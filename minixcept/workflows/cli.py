@@ -34,22 +34,6 @@ def _integer(text):
         raise argparse.ArgumentTypeError(f'{text!r} is not a whole number') from None
 
 
-def positive_int(text):
-    """An int >= 1 (a batch size, a number of epochs, a limit per class)."""
-    value = _integer(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f'{value} is not a positive whole number (1 or more)')
-    return value
-
-
-def non_negative_int(text):
-    """An int >= 0 (a seed)."""
-    value = _integer(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f'{value} is negative')
-    return value
-
-
 def _finite_float(text):
     try:
         value = float(text)
@@ -60,29 +44,32 @@ def _finite_float(text):
     return value
 
 
-def positive_float(text):
-    """A finite float > 0 (a learning rate)."""
-    value = _finite_float(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f'{text} is not a finite number above 0')
-    return value
+def _bounded(name, parse, accept, problem, doc):
+    """An argparse type named ``name``: ``parse`` the text, then refuse a value that ``accept``
+    rejects, saying ``problem`` (formatted with the value and the text as given)."""
+    def check(text):
+        value = parse(text)
+        if not accept(value):
+            raise argparse.ArgumentTypeError(problem.format(value=value, text=text))
+        return value
+    check.__name__, check.__doc__ = name, doc
+    return check
 
 
-def non_negative_float(text):
-    """A finite float >= 0 (an amount of noise)."""
-    value = _finite_float(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f'{text} is not a finite number of 0 or more')
-    return value
-
-
-def image_size(text):
-    """A square input side Xception can take: an int >= 71."""
-    value = _integer(text)
-    if value < MIN_IMAGE_SIZE:
-        raise argparse.ArgumentTypeError(f'{value} is too small: Xception needs at least '
-                                         f'{MIN_IMAGE_SIZE} px (five stride-2 stages)')
-    return value
+positive_int = _bounded('positive_int', _integer, lambda value: value >= 1,
+                        '{value} is not a positive whole number (1 or more)',
+                        'An int >= 1 (a batch size, a number of epochs, a limit per class).')
+non_negative_int = _bounded('non_negative_int', _integer, lambda value: value >= 0,
+                            '{value} is negative', 'An int >= 0 (a seed).')
+positive_float = _bounded('positive_float', _finite_float, lambda value: value > 0,
+                          '{text} is not a finite number above 0', 'A finite float > 0 (a learning rate).')
+non_negative_float = _bounded('non_negative_float', _finite_float, lambda value: value >= 0,
+                              '{text} is not a finite number of 0 or more',
+                              'A finite float >= 0 (an amount of noise).')
+image_size = _bounded('image_size', _integer, lambda value: value >= MIN_IMAGE_SIZE,
+                      '{value} is too small: Xception needs at least ' + str(MIN_IMAGE_SIZE)
+                      + ' px (five stride-2 stages)',
+                      'A square input side Xception can take: an int >= 71.')
 
 
 def existing_file(text):
