@@ -155,6 +155,7 @@ def random_batch(batch, seed=0):
 def runners(tf, ours, theirs, mode, bn_training, with_plain):
     """{name: callable(x, dy) -> output} for the timed passes."""
     import minixcept
+    import minixcept.engines.inference
     import minixcept.engines.training
     result = {}
     if mode == 'forward':
