@@ -215,7 +215,7 @@ class Model:
                              f"got a list of {len(weights)}")
         by_layer = {}
         for index, ((layer, name), value) in enumerate(zip(slots, weights)):
-            value = backend.asnumpy(value) if hasattr(value, 'shape') else np.asarray(value)
+            value = backend.asnumpy(value)
             where = f"weight {index} ({layer.name!r} {name!r})"
             if value.dtype.kind not in 'biuf':          # bool, integers and floats cast; nothing else does
                 raise TypeError(f"model {self.name!r}: {where} must hold real numbers, got dtype {value.dtype}")
