@@ -16,5 +16,6 @@ tests (``tests/reference/``), so the grader works from a clone of the repository
 """
 from .depthwise import check_depthwise_backward, check_depthwise_forward
 from .grader import Verdict
+from .pooling import check_max_pool_backward
 
-__all__ = ['Verdict', 'check_depthwise_backward', 'check_depthwise_forward']
+__all__ = ['Verdict', 'check_depthwise_backward', 'check_depthwise_forward', 'check_max_pool_backward']
