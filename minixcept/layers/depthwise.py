@@ -25,10 +25,25 @@ is again a depthwise convolution, of dy with the kernel turned 180 degrees,
 
 where dy_pad is dy padded by kh-1-top rows above and kh-1-bottom below (likewise for the
 columns), top and bottom being the forward pass's padding. So the input gradient costs what
-the forward pass costs, and the engines run both through the same tiled code. With stride
-s > 1 the outputs sit only at every s-th input position: the same rule holds for dy
-*dilated*, with s - 1 zeros put between neighbouring entries (the scatter of a
-"transposed" convolution with stride s), which is what the strided slices above do directly.
+the forward pass costs, and the engines run both through the same tiled code.
+
+With stride s > 1 the outputs sit only at every s-th input position, and the rule holds for
+dy *dilated* (the scatter of a "transposed" convolution with stride s, which is what the
+strided slices above do directly). Per axis, with H_p = H + top + bottom the padded size:
+
+1. dilate dy: s - 1 zeros between neighbouring entries, length (H_out - 1) * s + 1;
+2. pad it by k - 1 zeros before and k - 1 + r after, r = (H + top + bottom - k) mod s being
+   the number of padded-input rows no window reaches (their gradient is 0);
+3. correlate with the turned kernel (stride 1, 'valid'): this is dx_pad, H_p rows;
+4. crop top rows before and bottom after: dx.
+
+Example, k = 3, s = 2, 'same': H = 7 pads (1, 1), H = 8 pads (0, 1); both have H_p = 9 and
+r = 0, so dy (4 entries) dilates to 7, pads to (2, 2), and dx_pad is cropped (1, 1) and (0, 1)
+respectively. r = 1 for 'valid' on 8 rows, and for a 1x1 kernel at stride 2 on an even size.
+At stride 1 (r = 0) steps 2-4 are the padding kh-1-top, kh-1-bottom above. Xception itself
+never runs a stride-2 depthwise step (every separable convolution has stride 1): it halves
+the resolution in the stem's 3x3 block1_conv1, the 1x1 stride-2 shortcut convolutions and
+the 3x3 stride-2 max-pools. Tour chapter 2 derives the rule and draws it in 1-D.
 """
 from ..backend import get_array_module
 from ..padding import as_pair, check_padding, crop_spatial, pad_spatial, window, window_geometry
