@@ -23,14 +23,13 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / 'examples'))
 sys.path.insert(0, str(REPO / 'benchmarks'))
 
 import numpy as np  # noqa: E402
 
-from catdog_bottleneck import build_base, build_head, head_loss, load_photos  # noqa: E402
-from catdog_finetune import AUGMENTATION, load_pixels, make_optimizer  # noqa: E402
-from catdog_predict import load_head  # noqa: E402
+from minixcept.workflows.catdog import FINETUNE_AUGMENTATION as AUGMENTATION  # noqa: E402
+from minixcept.workflows.catdog import (build_base, build_head, head_loss, load_head,  # noqa: E402
+                                        load_photos, load_pixels, make_optimizer)
 from minixcept.workflows.finetune import FineTuneModel, FrozenFeatureFeed  # noqa: E402
 from minixcept.workflows.fit import fit  # noqa: E402
 from photos import photo_arguments, require_weights  # noqa: E402

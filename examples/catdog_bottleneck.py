@@ -32,28 +32,23 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))          # run from a fresh clone without installing
+import minixcept
+from minixcept import optimizers
+from minixcept.backend import BackendError
+from minixcept.errors import WeightsError
+from minixcept.files.cache import cache_key
+from minixcept.files.images import DatasetLayoutError
+from minixcept.workflows.features import extract_features
+from minixcept.files.atomic import write_atomically
+from minixcept.files.paths import OutputPathError, check_output_paths
+from minixcept.workflows import cli
+from minixcept.workflows.catdog import (DEFAULT_DATA, DEFAULT_OUT, DROPOUT_RATE, HIDDEN_UNITS, RANDOM_WEIGHTS,
+                                        build_base, build_head, get_weights, head_loss,
+                                        load_photos, require_every_class, weights_id_of)
+from minixcept.workflows.plot import plot_history
+from minixcept.workflows.fit import evaluate, fit
 
-import numpy as np  # noqa: E402
-
-import minixcept  # noqa: E402
-from minixcept import layers, losses, optimizers  # noqa: E402
-from minixcept.backend import BackendError  # noqa: E402
-from minixcept.errors import WeightsError  # noqa: E402
-from minixcept.files.cache import cache_key, weights_checksum  # noqa: E402
-from minixcept.files.images import DatasetLayoutError, expected_layout, find_image_folders  # noqa: E402
-from minixcept.workflows.features import extract_features  # noqa: E402
-from minixcept.files.atomic import write_atomically  # noqa: E402
-from minixcept.files.paths import OutputPathError, check_output_paths  # noqa: E402
-from minixcept.workflows import cli  # noqa: E402
-from minixcept.workflows.plot import plot_history  # noqa: E402
-from minixcept.workflows.fit import evaluate, fit  # noqa: E402
-
-DEFAULT_DATA = REPO.parent / 'shared' / 'catdog'
-DEFAULT_OUT = REPO / 'runs' / 'catdog'
-RANDOM_WEIGHTS = cli.RANDOM_WEIGHTS   # --weights random: untrained base, to test the plumbing quickly
-HIDDEN_UNITS, DROPOUT_RATE, LEARNING_RATE = 256, 0.5, 1e-4
+LEARNING_RATE = 1e-4
 
 
 def parse_args(argv=None):
@@ -86,55 +81,14 @@ def parse_args(argv=None):
     return args
 
 
-# -- 1. load -------------------------------------------------------------------------------------
-
-def load_photos(data_dir, limit=None):
-    """{split: ImageFolder} for train, validation and (if present) test, with at most ``limit``
-    photos per class."""
-    if data_dir is None:
-        raise DatasetLayoutError('no --data folder given, and the default one (shared/catdog beside '
-                                 'the repository) is not there\n\n' + expected_layout())
-    splits = find_image_folders(data_dir)
-    if limit is not None:
-        splits = {name: folder.limit(limit) for name, folder in splits.items()}
-    for name, folder in splits.items():
-        counts = ', '.join(f'{np.count_nonzero(folder.labels == label):,} {class_name}'
-                           for label, class_name in enumerate(folder.class_names))
-        ignored = f'; {len(folder.ignored):,} other files ignored' if folder.ignored else ''
-        print(f'{name}: {len(folder):,} photos ({counts}){ignored}')
-        for path, reason in folder.skipped:
-            print(f'warning: skipping {path}: {reason}', file=sys.stderr)
-    return splits
-
-
-def get_weights(weights_arg):
-    """The notop ImageNet weights file: --weights PATH, or fetched (once) into weights/."""
-    if weights_arg == RANDOM_WEIGHTS:
-        return RANDOM_WEIGHTS
-    if weights_arg is not None:
-        if not Path(weights_arg).is_file():
-            raise WeightsError(f'{weights_arg}: no such weights file')
-        return Path(weights_arg)
-    from minixcept.files.fetch import fetch
-    return Path(fetch(include_top=False))
-
+# -- 1. load: load_photos, shared with fine-tuning (minixcept/workflows/catdog.py) ------------------
 
 # -- 2. extract ----------------------------------------------------------------------------------
-
-def build_base(weights, image_size, seed):
-    """Xception(include_top=False, pooling='avg'): photos (N, s, s, 3) -> features (N, 2048)."""
-    minixcept.set_seed(seed)
-    base = minixcept.Xception(include_top=False, pooling='avg', input_shape=(image_size, image_size, 3))
-    if weights != RANDOM_WEIGHTS:
-        base.load_weights(weights)
-    return base
-
 
 def extract_bottleneck_features(splits, weights, image_size, batch_size, cache_dir, seed):
     """{split: Features}, each split read from ``cache_dir/<split>.h5`` or computed and cached."""
     base = build_base(weights, image_size, seed)
-    weights_id = (f'random-init-seed-{seed}' if weights == RANDOM_WEIGHTS
-                  else 'sha256:' + weights_checksum(weights, cache_dir))
+    weights_id = weights_id_of(weights, seed, digest_dir=cache_dir)
     features = {}
     for name, folder in splits.items():
         features[name] = extract_features(
@@ -143,39 +97,11 @@ def extract_bottleneck_features(splits, weights, image_size, batch_size, cache_d
         if features[name].cache != 'hit':
             print(f'{name}: features of {features[name].photos_computed:,} photos computed in '
                   f'{features[name].seconds:.1f} s (cache {features[name].cache})')
-        require_every_class(name, folder, features[name])
+        require_every_class(name, folder, features[name].labels, features[name].skipped)
     return features, weights_id
 
 
-def require_every_class(split_name, folder, features):
-    """Raise RunError when a class of the split has no decoded photo: a head trained without
-    one of its classes would report a fine accuracy on the other alone."""
-    for label, class_name in enumerate(features.class_names):
-        if not np.any(features.labels == label):
-            reasons = sorted({reason for path, reason in features.skipped
-                              if Path(path).relative_to(folder.root).parts[0] == class_name})
-            raise cli.RunError(f'{split_name}/{class_name}: none of its photos could be decoded'
-                               + (f' ({reasons[0]})' if reasons else ''))
-
-
 # -- 3. train ------------------------------------------------------------------------------------
-
-def build_head(feature_dim, class_count, seed=0):
-    """Dense(256, relu) -> Dropout(0.5) -> Dense(1 logit, or one per class when more than two)."""
-    minixcept.set_seed(seed)
-    outputs = 1 if class_count == 2 else class_count
-    return minixcept.Sequential([
-        layers.Dense(HIDDEN_UNITS, activation='relu', name='dense'),
-        layers.Dropout(DROPOUT_RATE, seed=seed, name='dropout'),
-        layers.Dense(outputs, name='logits'),
-    ], input_shape=(feature_dim,), name='head')
-
-
-def head_loss(class_count):
-    if class_count == 2:
-        return losses.BinaryCrossentropy(from_logits=True)
-    return losses.SparseCategoricalCrossentropy(from_logits=True)
-
 
 def train_head(head, train, validation, epochs, batch_size, seed):
     """Fit the head on the training features; keeps the epoch with the lowest validation loss."""
@@ -188,16 +114,6 @@ def train_head(head, train, validation, epochs, batch_size, seed):
         print(f'best epoch {history.best_epoch}: val_loss {history.best["val_loss"]:.4f}  '
               f'val_accuracy {history.best["val_accuracy"]:.4f}  (training took {train_seconds:.1f} s)')
     return history, train_seconds
-
-
-def class_probabilities(head, features):
-    """(N, D) features -> (N, K) probabilities of each class (K = 2 for the binary head)."""
-    logits = minixcept.asnumpy(head.predict(features, batch_size=256)).astype(np.float64)
-    if logits.shape[1] == 1:
-        positive = 1 / (1 + np.exp(-logits[:, 0]))
-        return np.stack([1 - positive, positive], axis=1)
-    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
-    return shifted / shifted.sum(axis=1, keepdims=True)
 
 
 # -- 4. evaluate ---------------------------------------------------------------------------------

@@ -28,21 +28,16 @@ import sys
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))    # run from a fresh clone without installing
-sys.path.insert(0, str(HERE))
+import numpy as np
+from PIL import Image, ImageDraw
 
-import numpy as np  # noqa: E402
-from PIL import Image, ImageDraw  # noqa: E402
-
-import minixcept  # noqa: E402
-from catdog_bottleneck import DEFAULT_OUT, build_base, get_weights  # noqa: E402
-from catdog_predict import check_base, load_head  # noqa: E402
-from minixcept.backend import BackendError  # noqa: E402
-from minixcept.errors import WeightsError  # noqa: E402
-from minixcept.files.images import ImageDecodeError, load_image  # noqa: E402
-from minixcept.files.paths import OutputPathError, check_output_paths  # noqa: E402
-from minixcept.workflows import cli, explain  # noqa: E402
+import minixcept
+from minixcept.backend import BackendError
+from minixcept.errors import WeightsError
+from minixcept.files.images import ImageDecodeError, load_image
+from minixcept.files.paths import OutputPathError, check_output_paths
+from minixcept.workflows import cli, explain
+from minixcept.workflows.catdog import DEFAULT_OUT, build_base, check_base, get_weights, load_head
 
 CAPTION_HEIGHT = 22          # pixels of text above the three panels
 HEAT_OPACITY = 0.55          # of the heat map over the photo where the map is at its peak

@@ -56,31 +56,26 @@ import tempfile
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))    # run from a fresh clone without installing
-sys.path.insert(0, str(HERE))
+import numpy as np
 
-import numpy as np  # noqa: E402
-
-import minixcept  # noqa: E402
-from catdog_bottleneck import DEFAULT_DATA, DEFAULT_OUT as BOTTLENECK_OUT  # noqa: E402
-from catdog_bottleneck import build_base, get_weights, head_loss, load_photos  # noqa: E402
-from catdog_predict import check_base, load_head  # noqa: E402
-from minixcept import optimizers  # noqa: E402
-from minixcept.files.augment import AugmentSettings, save_augmentation_grid  # noqa: E402
-from minixcept.backend import BackendError  # noqa: E402
-from minixcept.errors import WeightsError  # noqa: E402
-from minixcept.workflows.finetune import FineTuneModel, FrozenFeatureFeed, cache_frozen_features  # noqa: E402
-from minixcept.files.images import DatasetLayoutError, load_batch, preprocess_input  # noqa: E402
-from minixcept.files.atomic import write_atomically  # noqa: E402
-from minixcept.files.paths import OutputPathError, check_output_paths  # noqa: E402
-from minixcept.workflows import cli  # noqa: E402
-from minixcept.files.cache import weights_checksum  # noqa: E402
-from minixcept.workflows.plot import plot_history  # noqa: E402
-from minixcept.workflows.fit import evaluate, fit, predicted_classes  # noqa: E402
+import minixcept
+from minixcept.files.augment import save_augmentation_grid
+from minixcept.backend import BackendError
+from minixcept.errors import WeightsError
+from minixcept.workflows.finetune import FineTuneModel, FrozenFeatureFeed, cache_frozen_features
+from minixcept.files.images import DatasetLayoutError, preprocess_input
+from minixcept.files.atomic import write_atomically
+from minixcept.files.paths import OutputPathError, check_output_paths
+from minixcept.workflows import cli
+from minixcept.workflows.catdog import DEFAULT_DATA, DEFAULT_OUT as BOTTLENECK_OUT
+from minixcept.workflows.catdog import FINETUNE_AUGMENTATION as AUGMENTATION
+from minixcept.workflows.catdog import (build_base, check_base, get_weights, head_loss, load_head,
+                                        load_photos, load_pixels, make_optimizer)
+from minixcept.files.cache import weights_checksum
+from minixcept.workflows.plot import plot_history
+from minixcept.workflows.fit import evaluate, fit, predicted_classes
 
 DEFAULT_OUT = BOTTLENECK_OUT / 'finetune'
-AUGMENTATION = AugmentSettings()       # rotation 20 degrees, shifts 0.2, shear 0.2, zoom 0.2, flips
 
 
 def parse_args(argv=None):
@@ -135,25 +130,6 @@ def log(line):
 
 # -- 1. load -------------------------------------------------------------------------------------
 
-def load_pixels(folder, image_size):
-    """All photos of a split as uint8 (N, s, s, 3) and their labels (N,); undecodable ones left
-    out. Raises RunError when a class is left with no photo at all."""
-    started = time.monotonic()
-    pixels, loaded, failures = load_batch(folder.files, image_size)
-    for path, reason in failures:
-        print(f'skipped {path}: {reason}', file=sys.stderr)
-    labels = folder.labels[loaded]
-    for label, class_name in enumerate(folder.class_names):
-        if not np.any(labels == label):
-            reasons = sorted({reason for path, reason in failures
-                              if Path(path).relative_to(folder.root).parts[0] == class_name})
-            raise cli.RunError(f'{folder.root.name}/{class_name}: none of its photos could be decoded'
-                               + (f' ({reasons[0]})' if reasons else ''))
-    log(f'{folder.root.name}: {len(pixels):,} photos loaded at {image_size} px '
-        f'in {time.monotonic() - started:.1f} s')
-    return pixels, labels
-
-
 # -- 2. build, 3. freeze -------------------------------------------------------------------------
 
 def build_network(weights, head, image_size, train_from, bn_statistics, seed, fast=True):
@@ -168,12 +144,6 @@ def build_network(weights, head, image_size, train_from, bn_statistics, seed, fa
 
 
 # -- 4. cache, 5. train ----------------------------------------------------------------------------
-
-def make_optimizer(name, learning_rate):
-    if name == 'sgd':
-        return optimizers.SGD(learning_rate=learning_rate, momentum=0.9)
-    return optimizers.Adam(learning_rate=learning_rate)
-
 
 def training_input(network, pixels, augment, seed, batch_size):
     """What fit() trains on: photos augmented and run through the frozen part batch by batch,

@@ -8,27 +8,18 @@ Xception without its top (ImageNet weights) to 2,048 bottleneck features, then t
 head. One line per photo: its path, the most probable class and that class's probability.
 """
 import argparse
-import json
 import sys
-import tempfile
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))    # run from a fresh clone without installing
-sys.path.insert(0, str(HERE))
+import numpy as np
 
-import numpy as np  # noqa: E402
-
-import minixcept  # noqa: E402
-from catdog_bottleneck import (DEFAULT_OUT, RANDOM_WEIGHTS, build_base, build_head,  # noqa: E402
-                               class_probabilities, get_weights)
-from minixcept.backend import BackendError  # noqa: E402
-from minixcept.errors import WeightsError  # noqa: E402
-from minixcept.workflows import cli  # noqa: E402
-from minixcept.files.cache import weights_checksum  # noqa: E402
-from minixcept.workflows.features import bottleneck_features  # noqa: E402
-from minixcept.files.images import load_batch  # noqa: E402
-from minixcept.files.weights import load_weights  # noqa: E402
+from minixcept.backend import BackendError
+from minixcept.errors import WeightsError
+from minixcept.workflows import cli
+from minixcept.workflows.catdog import (DEFAULT_OUT, build_base, check_base, class_probabilities,
+                                        get_weights, load_head)
+from minixcept.workflows.features import bottleneck_features
+from minixcept.files.images import load_batch
 
 
 def parse_args(argv=None):
@@ -43,60 +34,6 @@ def parse_args(argv=None):
     parser.add_argument('--backend', choices=('numpy', 'cupy'), default=None,
                         help='where the arrays live (default: $MINIXCEPT_BACKEND, else numpy)')
     return parser.parse_args(argv)
-
-
-def read_description(description_file):
-    """head.json as a dict, checked: class names (two or more), the input size, the feature
-    size and the base's weights. Raises WeightsError naming the file and what is wrong."""
-    try:
-        description = json.loads(Path(description_file).read_text())
-    except (OSError, UnicodeDecodeError) as error:
-        raise WeightsError(f'{description_file}: cannot be read ({error})') from error
-    except json.JSONDecodeError as error:
-        raise WeightsError(f'{description_file}: not valid JSON ({error}); it is written by '
-                           'examples/catdog_bottleneck.py: run it again') from error
-    checks = {
-        'class_names': lambda v: isinstance(v, list) and len(v) >= 2 and all(isinstance(n, str) for n in v),
-        'image_size': lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= cli.MIN_IMAGE_SIZE,
-        'feature_dim': lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
-        'base_weights': lambda v: isinstance(v, str),
-    }
-    if not isinstance(description, dict):
-        raise WeightsError(f'{description_file}: holds {type(description).__name__}, not the head\'s description')
-    for name, valid in checks.items():
-        if not valid(description.get(name)):
-            raise WeightsError(f'{description_file}: {name} is missing or invalid '
-                               f'({description.get(name)!r}); it is written by examples/catdog_bottleneck.py')
-    return description
-
-
-def load_head(head_file):
-    """The trained head and its description (class names, input size) from head.h5 + head.json."""
-    description_file = Path(head_file).with_suffix('.json')
-    if not Path(head_file).is_file() or not description_file.is_file():
-        raise WeightsError(f'{head_file}: no trained head here (it needs {description_file.name} beside it); '
-                           'run examples/catdog_bottleneck.py first')
-    description = read_description(description_file)
-    head = build_head(description['feature_dim'], len(description['class_names']))
-    load_weights(head, head_file)
-    return head, description
-
-
-def weights_id_of(weights, seed=0):
-    """How head.json names a base's weights: 'sha256:...' of the file, or the random start's seed."""
-    if weights == RANDOM_WEIGHTS:
-        return f'random-init-seed-{seed}'
-    with tempfile.TemporaryDirectory() as scratch:       # predict writes nothing: the digest is not kept
-        return 'sha256:' + weights_checksum(weights, scratch)
-
-
-def check_base(description, weights, head_file):
-    """Raise WeightsError unless ``weights`` are the base the head was trained on: a head on
-    another base's features answers with confident-looking nonsense."""
-    used, trained_on = weights_id_of(weights), description['base_weights']
-    if used != trained_on:
-        raise WeightsError(f'{head_file}: the head was trained on the base weights {trained_on}, but '
-                           f'{weights} are {used}; pass the weights it was trained on with --weights')
 
 
 def classify(paths, head, base, class_names, batch_size):

@@ -26,6 +26,7 @@ from minixcept.files.cache import cache_key, read_cache, weights_checksum
 from minixcept.workflows.features import Progress, extract_features
 from minixcept.files.images import image_folder
 from minixcept.workflows.plot import TRAIN_COLOUR, VALIDATION_COLOUR, plot_history
+from minixcept.workflows import catdog as recipe
 from minixcept.workflows.fit import evaluate, fit
 
 REPO = Path(__file__).resolve().parents[1]
@@ -124,7 +125,7 @@ def test_recipe_end_to_end_with_real_weights_then_from_the_cache(bottleneck_exam
                 for p in photos]
         features = cache['features'][()][rows]
     head, _ = predict.load_head(out / 'head.h5')
-    probabilities = bottleneck_example.class_probabilities(head, features)
+    probabilities = recipe.class_probabilities(head, features)
     for (path, class_name, probability), row in zip(lines, probabilities):
         assert class_name == ['cats', 'dogs'][int(np.argmax(row))]
         assert float(probability) == pytest.approx(row.max(), abs=1e-4)
@@ -208,7 +209,7 @@ def test_more_than_two_classes_and_a_test_split(bottleneck_example, catdog, tmp_
     head, description = load_example('catdog_predict').load_head(out / 'head.h5')
     assert head.layers[-1].units == 3 and description['class_names'] == report['class_names']
     with h5py.File(out / 'cache' / 'test.h5', 'r') as cache:
-        probabilities = bottleneck_example.class_probabilities(head, cache['features'][()])
+        probabilities = recipe.class_probabilities(head, cache['features'][()])
     assert probabilities.shape == (6, 3)
     np.testing.assert_allclose(probabilities.sum(axis=1), 1, rtol=1e-6)
 
