@@ -77,6 +77,20 @@ class Xception(Model):
     middle_blocks: depth of the middle flow (8 in the paper).
     middle_width: channels of the middle flow (728 in the paper; block 4 widens to it and
     block 13 starts from it).
+
+    What a middle block costs: three steps of ReLU (no parameters), a 3x3 separable
+    convolution of width w without bias (depthwise 3*3*w, pointwise w*w) and a batch-norm
+    (gamma, beta, moving mean, moving variance: 4*w), so 3 * (9w + w^2 + 4w) = 3w^2 + 39w
+    parameters: 1,618,344 at w = 728, as Keras counts it (16 blocks minus 8, over 8). Each
+    extra block adds that much, and 3 * (9w + w^2) * H * W multiply-adds in its convolutions
+    (H x W = 19 x 19 at 299 px: about 0.58 G); a wider middle flow also widens blocks 4 and 13.
+    Whether a deeper or wider Xception would match a larger network on ImageNet is not
+    something this code can say. The published figures: Xception 79.0% top-1 / 94.5% top-5
+    with 22.9 M parameters, Inception V3 78.2% / 94.1% (Chollet, 2017); InceptionResNetV2
+    80.3% / 95.3% with 55.9 M (the Keras applications table). A variant with other
+    middle_blocks or middle_width is a different network: the ImageNet weights do not load
+    into it (load_weights raises WeightsError at the first layer whose shapes differ), and it
+    would have to be trained from scratch on ImageNet (tour chapter 5).
     """
 
     def __init__(self, include_top=True, weights=None, input_shape=(DEFAULT_SIDE, DEFAULT_SIDE, 3), pooling=None,
