@@ -23,7 +23,8 @@ import minixcept
 from conftest import relative_error
 from minixcept import layers, losses, optimizers
 from minixcept.files.cache import cache_key, read_cache, weights_checksum
-from minixcept.workflows.features import Progress, extract_features
+from minixcept.workflows.features import extract_features
+from minixcept.workflows.progress import Progress, duration
 from minixcept.files.images import image_folder
 from minixcept.workflows.plot import TRAIN_COLOUR, VALIDATION_COLOUR, plot_history
 from minixcept.workflows import catdog as recipe
@@ -98,7 +99,7 @@ def test_recipe_end_to_end_with_real_weights_then_from_the_cache(bottleneck_exam
     assert best['val_loss'] == min(epoch['val_loss'] for epoch in report['history'])
     assert report['val_loss'] == pytest.approx(best['val_loss'], rel=1e-5)   # the best epoch's weights
     assert report['val_accuracy'] == pytest.approx(best['val_accuracy'])
-    assert '/ 16 photos' in stderr and 'photos/s' in stderr and 'ETA' in stderr
+    assert 'train  batch 1/' in stderr and 'photos/s' in stderr and ' left' in stderr
     assert Image.open(out / 'curves.png').size[0] > 0
     assert json.loads((out / 'head.json').read_text())['class_names'] == ['cats', 'dogs']
 
@@ -340,23 +341,28 @@ class FakeTerminal(io.StringIO):
         return True
 
 
-def test_progress_is_one_updating_line_on_a_terminal_and_a_line_per_n_batches_in_a_log():
+def test_progress_is_one_updating_line_on_a_terminal_and_a_line_per_write_in_a_log():
     log = io.StringIO()
-    progress = Progress(100, 'train', log, every=3)
-    for done in range(10, 101, 10):
-        progress.update(done)
-    progress.close()
+    progress = Progress(log, batches=10, photos=100, interval=0, label='train', done=20)
+    for batch in range(3, 11):
+        progress.update(batch, 10 * batch)
+    progress.finish(10, 100)
     lines = log.getvalue().splitlines()
-    assert len(lines) == 4                                   # batches 3, 6, 9, and the last
-    assert lines[-1].startswith('train: 100 / 100 photos') and 'photos/s' in lines[-1] and 'ETA' in lines[-1]
+    assert len(lines) == 9                                   # batches 3 to 10, and the last
+    assert lines[0].startswith('train  batch 3/10  ') and lines[-1].endswith('photos/s  0:00 left')
 
     terminal = FakeTerminal()
-    progress = Progress(100, 'train', terminal, every=3)
-    for done in (40, 100):
-        progress.update(done)
-    progress.close()
+    progress = Progress(terminal, batches=10, photos=100, interval=0, label='train')
+    for batch in (4, 10):
+        progress.update(batch, 10 * batch)
+    progress.finish(10, 100)
     text = terminal.getvalue()
-    assert text.count('\r') == 2 and text.count('\n') == 1 and '40 / 100 photos' in text
+    assert text.count('\r') == 3 and text.count('\n') == 1 and 'batch 4/10' in text
+
+
+def test_time_left_is_written_one_way():
+    assert [duration(s) for s in (0, 59.6, 61, 3600 + 62, float('inf'), float('nan'))] == \
+        ['0:00', '1:00', '1:01', '1:01:02', '?', '?']
 
 
 # -- training the head -------------------------------------------------------------------------

@@ -35,6 +35,7 @@ from ..files.cache import Chunk, FeatureCache, Features
 from ..files.images import load_batch
 from ..layers.base import no_grad
 from ..xception import preprocess_input
+from .progress import Progress
 
 __all__ = ["bottleneck_features", "extract_features", "Features", "Progress"]
 
@@ -55,52 +56,6 @@ def bottleneck_features(model, pixels, fast=True):
         return np.zeros((0, model.output_shape()[-1]), np.float32)
     with no_grad():
         return np.asarray(model.predict(preprocess_input(pixels), batch_size=len(pixels), fast=fast), np.float32)
-
-
-# -- progress ----------------------------------------------------------------------------------
-
-class Progress:
-    """A progress line on ``stream`` (default: standard error): photos done / total, photos
-    per second, time left.
-
-    On a terminal the line is rewritten in place after every batch; in a log file a new line
-    is written every ``every`` batches and at the end. The rate counts only photos computed
-    in this run (not those an interrupted run had already done).
-    """
-
-    def __init__(self, total, label='', stream=None, every=10, done=0):
-        self.total, self.label, self.every = total, label, every
-        self.stream = stream if stream is not None else sys.stderr
-        self.first_done, self.batches = done, 0
-        self.start = time.monotonic()
-        self.in_place = hasattr(self.stream, 'isatty') and self.stream.isatty()
-
-    def line(self, done):
-        elapsed = time.monotonic() - self.start
-        rate = (done - self.first_done) / elapsed if elapsed > 0 else 0.0
-        eta = _duration((self.total - done) / rate) if rate > 0 else '?'
-        prefix = f'{self.label}: ' if self.label else ''
-        return f'{prefix}{done:,} / {self.total:,} photos  {rate:.1f} photos/s  ETA {eta}'
-
-    def update(self, done):
-        self.batches += 1
-        if self.in_place:
-            self.stream.write('\r' + self.line(done) + '\033[K')
-        elif self.batches % self.every == 0 or done >= self.total:
-            self.stream.write(self.line(done) + '\n')
-        self.stream.flush()
-
-    def close(self):
-        if self.in_place and self.batches:
-            self.stream.write('\n')
-            self.stream.flush()
-
-
-def _duration(seconds):
-    seconds = int(round(seconds))
-    if seconds >= 3600:
-        return f'{seconds // 3600}h {seconds % 3600 // 60:02d}m'
-    return f'{seconds // 60}m {seconds % 60:02d}s' if seconds >= 60 else f'{seconds}s'
 
 
 # -- extraction ----------------------------------------------------------------------------------
@@ -172,7 +127,11 @@ def _extract(model, folder, cache, *, batch_size, interpolation, label, show_pro
         keep(chunk)
     first = chunks[-1].end if chunks else 0
     del chunks                                   # their rows are in ``rows`` now
-    progress = Progress(total, label, done=first) if show_progress else None
+    batches_before = -(-first // batch_size)
+    batches_done, photos_done = batches_before, first
+    progress = (Progress(sys.stderr, batches=batches_before + -(-(total - first) // batch_size), photos=total,
+                         interval=0, label=label or 'features', done=first)   # a batch is seconds of work: a line each
+                if show_progress else None)
     started = time.monotonic()
     try:
         for begin in range(first, total, batch_size):
@@ -186,13 +145,14 @@ def _extract(model, folder, cache, *, batch_size, interpolation, label, show_pro
             if cache is not None:
                 cache.save_chunk(chunk)
             keep(chunk)
+            batches_done, photos_done = batches_done + 1, end
             if progress is not None:
-                progress.update(end)
+                progress.update(batches_done, photos_done)
             if on_batch is not None:
                 on_batch(end, total)
     finally:
         if progress is not None:
-            progress.close()
+            progress.finish(batches_done, photos_done)
 
     loaded = np.concatenate(loaded) if loaded else np.zeros(0, np.int64)
     features = Features(

@@ -31,6 +31,7 @@ from .. import backend
 from ..engines.training import engine_for
 from ..layers.base import no_grad
 from ..model import Model
+from .progress import Progress
 
 
 @dataclass
@@ -75,53 +76,6 @@ def runner_for(model, fast=True):
     """What ``fit`` and ``evaluate`` run: for a ``Model`` with ``fast``, the training engine kept
     for it; anything else (the model with ``fast=False``, a ``FineTuneModel``, an engine) as it is."""
     return engine_for(model) if fast and isinstance(model, Model) else model
-
-
-class Progress:
-    """How far an epoch got, as Keras's fit shows it: batches done, photos per second, time left.
-
-    Writes to ``stream`` at most once every ``interval`` seconds, the first time after
-    ``interval`` seconds, and a last line when the epoch ends if it wrote any: a short epoch
-    (a test's) writes nothing. On a terminal each line overwrites the one before.
-    """
-
-    def __init__(self, stream, epoch, epochs, batches, photos, interval=2.0):
-        self.stream, self.interval = stream, interval
-        self.prefix = f'epoch {epoch:>{len(str(epochs))}}/{epochs}'
-        self.batches, self.photos = batches, photos
-        self.started = self.last_written = time.monotonic()
-        self.written = False
-        self.overwrite = getattr(stream, 'isatty', lambda: False)()
-
-    def update(self, batches_done, photos_done):
-        now = time.monotonic()
-        if now - self.last_written >= self.interval:
-            self._write(batches_done, photos_done, now)
-
-    def finish(self, batches_done, photos_done):
-        if self.written:
-            self._write(batches_done, photos_done, time.monotonic())
-            if self.overwrite:
-                self.stream.write('\n')
-                self.stream.flush()
-
-    def _write(self, batches_done, photos_done, now):
-        seconds = max(now - self.started, 1e-9)
-        rate = photos_done / seconds
-        left = (self.photos - photos_done) / rate if rate > 0 else float('inf')
-        line = (f'{self.prefix}  batch {batches_done}/{self.batches}  {rate:.1f} photos/s  '
-                f'{_duration(left)} left')
-        self.stream.write(('\r' + line.ljust(72)) if self.overwrite else line + '\n')
-        self.stream.flush()
-        self.last_written, self.written = now, True
-
-
-def _duration(seconds):
-    if seconds == float('inf'):
-        return '?'
-    minutes, seconds = divmod(int(round(seconds)), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f'{hours}:{minutes:02d}:{seconds:02d}' if hours else f'{minutes}:{seconds:02d}'
 
 
 def _batch(x, y, indices):
