@@ -63,7 +63,8 @@ from minixcept.files.augment import save_augmentation_grid
 from minixcept.backend import BackendError
 from minixcept.errors import WeightsError
 from minixcept.workflows.finetune import FineTuneModel, FrozenFeatureFeed, cache_frozen_features
-from minixcept.files.images import DatasetLayoutError, preprocess_input
+from minixcept.files.images import DatasetLayoutError
+from minixcept.xception import preprocess_input
 from minixcept.files.atomic import write_atomically
 from minixcept.files.paths import OutputPathError, check_output_paths
 from minixcept.workflows import cli

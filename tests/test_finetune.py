@@ -19,7 +19,7 @@ from conftest import REFERENCE_DIR, relative_error
 from minixcept import layers, optimizers
 from minixcept.workflows.finetune import (FineTuneModel, FrozenFeatureFeed, cache_frozen_features, first_layer_of_block,
                                 freeze_before, frozen_output_name)
-from minixcept.files.images import preprocess_input
+from minixcept.xception import preprocess_input
 from minixcept.files.cache import weights_checksum
 
 sys.path.insert(0, str(REFERENCE_DIR))

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from minixcept.files.images import (DatasetLayoutError, ImageDecodeError, find_image_folders, load_batch,
-                              load_image, preprocess_input)
+from minixcept.files.images import DatasetLayoutError, ImageDecodeError, find_image_folders, load_batch, load_image
+from minixcept.xception import preprocess_input
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / 'reference'))
 import make_images  # noqa: E402  (the fixture's source photos and cases, no minixcept inside)

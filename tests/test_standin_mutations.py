@@ -133,8 +133,8 @@ MUTATIONS = {
 
 # saving goes through two conversions (Layer.get_weights and the writer's own); the mistake is
 # that neither is there
-SECOND_SAVING_MUTATION = (weight_files, '_to_numpy',
-                          [('if not isinstance(array, np.ndarray) and hasattr(array, "get"):', 'if False:')])
+SECOND_SAVING_MUTATION = (weight_files, 'save_weights',
+                          [('[backend.asnumpy(w) for w in layer.get_weights()]', 'list(layer.get_weights())')])
 
 
 def run_probe(probe, backend_name, tmp_path):

@@ -3,7 +3,7 @@
 A photo goes through the same steps as in Keras's ``keras.utils.load_img``:
 read the bytes, let Pillow decode them, convert to RGB when the photo is in any
 other mode (grey, grey + alpha, RGBA, palette, CMYK...), resize to the model's
-size with Pillow's own resampling filter, then ``preprocess_input`` scales
+size with Pillow's own resampling filter, then the textbook's ``minixcept.xception.preprocess_input`` scales
 [0, 255] to [-1, 1].
 
 A labelled dataset is a folder per split, holding a folder per class, as
@@ -23,7 +23,6 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from ..xception import preprocess_input  # noqa: F401  (offered beside the loading it follows)
 
 #: Files with these extensions are photos; anything else in a class folder (notes, .DS_Store,
 #: spreadsheets) is ignored. Keras's list (.bmp .gif .jpeg .jpg .png) and three more Pillow reads.

@@ -16,18 +16,12 @@ import os
 
 import numpy as np
 
+from .. import backend
 from ..errors import WeightsError
 from .fetch import OFFICIAL_FILES
 from .hdf5 import WEIGHT_NAMES, keras3_keys, read_entries, read_weights, write_legacy
 
 __all__ = ["load_weights", "save_weights", "read_weights"]
-
-
-def _to_numpy(array):
-    """A NumPy copy of a NumPy or CuPy array (CuPy arrays have .get())."""
-    if not isinstance(array, np.ndarray) and hasattr(array, "get"):
-        array = array.get()
-    return np.array(array, copy=True)
 
 
 def _shapes(arrays):
@@ -213,7 +207,7 @@ def save_weights(model_or_layers, path):
     path = os.fspath(path)
     records = []
     for layer in _layers_of(model_or_layers):
-        arrays = [_to_numpy(w) for w in layer.get_weights()]
+        arrays = [backend.asnumpy(w) for w in layer.get_weights()]   # host arrays for h5py, whatever the layer holds
         names = _weight_names_for(layer, len(arrays))
         records.append((layer.name, [f"{layer.name}/{n}:0" for n in names], arrays))
     write_legacy(path, records)
