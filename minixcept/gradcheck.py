@@ -22,12 +22,15 @@ gradient off by less than that could not be told from rounding.
 """
 import numpy as np
 
+from . import checks
 from .backend import asnumpy, get_array_module
 
 
 def rel_error(analytic, numeric):
     """max |a - b| / max(max |a|, max |b|): one number, scale-free, 0 when both are 0."""
-    analytic, numeric = asnumpy(analytic), asnumpy(numeric)
+    analytic = asnumpy(checks.numbers_array(analytic, 'analytic', 'rel_error'))
+    numeric = asnumpy(checks.numbers_array(numeric, 'numeric', 'rel_error'))
+    checks.shape(numeric, analytic.shape, 'numeric (the shape of analytic)', 'rel_error')
     scale = max(np.abs(analytic).max(initial=0), np.abs(numeric).max(initial=0))
     if scale == 0:
         return 0.0
@@ -41,6 +44,14 @@ def numerical_gradient(f, array, dout, eps=1e-6):
     element at a time and restored. Indexing ``array`` itself (not a reshaped copy)
     keeps this right for non-contiguous arrays such as transposed views.
     """
+    if not callable(f):
+        raise TypeError(f"numerical_gradient: f must be a function of no arguments, got {type(f).__name__}")
+    checks.array(array, 'array', 'numerical_gradient')       # floats: an integer array would round each nudge away
+    checks.number(eps, 'eps', 'numerical_gradient', 0, low_open=True)
+    if checks.is_array(dout):                     # f's output shape; a plain number for a scalar f
+        checks.shape(dout, np.shape(f()), "dout (the shape of f's output)", 'numerical_gradient')
+    else:
+        checks.number(dout, 'dout', 'numerical_gradient')
     grad = np.zeros(array.shape, dtype=np.float64)
     originals = asnumpy(array).copy()     # one copy to the host, not one per element on a GPU
     dout_sum = lambda: float((f() * dout).sum())  # noqa: E731
@@ -62,8 +73,16 @@ def check_gradients(forward, backward, arrays, dout, eps=1e-6):
     backward(dout):   returns {name: analytic gradient} for the same names
     arrays:           {name: the array the gradient is taken with respect to}
     """
+    for name, function in (('forward', forward), ('backward', backward)):
+        if not callable(function):
+            raise TypeError(f"check_gradients: {name} must be a function, got {type(function).__name__}")
+    if not isinstance(arrays, dict):
+        raise TypeError(f"check_gradients: arrays must be a dict {{name: array}}, got {type(arrays).__name__}")
     forward()
     analytic = backward(dout)
+    missing = sorted(set(arrays) - set(analytic))
+    if missing:
+        raise ValueError(f"check_gradients: backward returned no gradient for {missing}")
     return {name: rel_error(analytic[name], numerical_gradient(forward, array, dout, eps))
             for name, array in arrays.items()}
 
@@ -76,6 +95,13 @@ def check_layer(layer, x, training=False, seed=0, eps=1e-6):
     and caches are put back (a check with ``training=True`` would otherwise move a
     batch-norm's moving statistics), so any layer of a working model can be checked.
     """
+    from .layers.base import Layer
+    if not isinstance(layer, Layer):
+        raise TypeError(f"check_layer: layer must be a minixcept layer, got {type(layer).__name__}")
+    checks.array(x, 'x', f"check_layer, layer {layer.name!r}")
+    checks.flag(training, 'training', 'check_layer')
+    checks.integer(seed, 'seed', 'check_layer', minimum=0)
+    checks.number(eps, 'eps', 'check_layer', 0, low_open=True)
     attributes = dict(layer.__dict__)
     dict_contents = {name: dict(value) for name, value in attributes.items() if isinstance(value, dict)}
     param_values = {name: array.copy() for name, array in layer.params.items()}

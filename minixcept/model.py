@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import backend
+from . import backend, checks
 from .errors import ShapeError
 from .layers.base import no_grad
 
@@ -74,7 +74,9 @@ class Model:
     def check_input(self, x, start_after=None):
         """Raise ShapeError unless ``x`` has the shape the model (or the stretch after
         ``start_after``) takes: a batch axis, then the input shape, None matching any size;
-        TypeError unless it holds floating-point numbers."""
+        TypeError unless it is an array of floating-point numbers."""
+        if not checks.is_array(x):
+            raise TypeError(f"model {self.name!r}: x must be a NumPy or CuPy array, got {type(x).__name__}")
         self.check_input_shape(tuple(x.shape), start_after)
         # Keras would cast integers to float32; pixels in [0, 255] are then the wrong input
         # anyway, and a silent cast hides the missing preprocess_input, so say so instead.
@@ -102,6 +104,13 @@ class Model:
 
         Tensors no later layer reads are dropped as soon as possible to save memory.
         """
+        who = f"model {self.name!r}"
+        checks.flag(training, 'training', who)
+        checks.optional_name(start_after, 'start_after', who)
+        checks.optional_name(stop_after, 'stop_after', who)
+        if not (capture is None or capture == 'all' or (isinstance(capture, (list, tuple, set))
+                                                        and all(isinstance(name, str) for name in capture))):
+            raise TypeError(f"{who}: capture must be a list of layer names or 'all', got {capture!r}")
         first, last = self.stretch(start_after, stop_after)
         self.check_input(x, start_after)
         names = self._names()[first:last + 1]
@@ -138,6 +147,8 @@ class Model:
         if not hasattr(self, '_last_run'):
             raise RuntimeError(f"model {self.name!r}: backward needs a forward pass first")
         first, last, start, output_shape = self._last_run
+        checks.array(dy, 'dy', f"model {self.name!r}")
+        checks.optional_name(stop_at, 'stop_at', f"model {self.name!r}")
         if tuple(dy.shape) != output_shape:
             raise ShapeError(f"model {self.name!r}: backward expects dy of the last forward's output shape "
                              f"{output_shape}, got {tuple(dy.shape)}")
@@ -169,9 +180,19 @@ class Model:
         memory it reuses) and folds the weights again whenever they change. On CuPy arrays it
         runs the same folded, fused steps as whole-batch device operations on the calling
         thread (threads, tiles and BLAS pinning are for NumPy; tests/test_gpu_path.py).
+
+        x: an array (N, ...) as ``forward`` takes it (a list of same-shaped examples is
+        stacked into one), under the same rule: floats, so photos go through
+        ``preprocess_input`` first. batch_size: a whole number >= 1.
         """
+        who = f"model {self.name!r}: predict"
+        checks.integer(batch_size, 'batch_size', who, minimum=1)
+        checks.flag(fast, 'fast', who)
+        if isinstance(x, (list, tuple)):
+            x = _stacked(x, who)
+        self.check_input(x)
         if len(x) == 0:
-            raise ValueError(f"model {self.name!r}: predict needs at least one input, got {tuple(x.shape)}")
+            raise ValueError(f"{who} needs at least one input, got {tuple(x.shape)}")
         if fast:
             from .engines.inference import engine_for
             run = engine_for(self)
@@ -207,6 +228,9 @@ class Model:
         layer and the weight) and its type (TypeError unless it holds real numbers, which are
         cast to the layer's dtype as Keras casts them).
         """
+        if isinstance(weights, (str, bytes, dict)) or checks.is_array(weights):
+            raise TypeError(f"model {self.name!r}: set_weights takes a list of arrays (what get_weights gives), "
+                            f"got a {type(weights).__name__}")
         weights = list(weights)
         slots = [(layer, name) for layer in self.layers for name in layer.weight_names]
         if len(weights) != len(slots):
@@ -215,10 +239,8 @@ class Model:
                              f"got a list of {len(weights)}")
         by_layer = {}
         for index, ((layer, name), value) in enumerate(zip(slots, weights)):
-            value = backend.asnumpy(value)
             where = f"weight {index} ({layer.name!r} {name!r})"
-            if value.dtype.kind not in 'biuf':          # bool, integers and floats cast; nothing else does
-                raise TypeError(f"model {self.name!r}: {where} must hold real numbers, got dtype {value.dtype}")
+            value = checks.numbers_array(value, where, f"model {self.name!r}")   # bool, ints and floats cast
             expected = tuple(layer.params[name].shape)
             if tuple(value.shape) != expected:
                 raise ShapeError(f"model {self.name!r}: {where} expects shape {expected}, got {tuple(value.shape)}")
@@ -367,6 +389,18 @@ class Model:
             print_fn(f'Total mult-adds per example{at}: {self.multiply_adds(input_size):,}')
         else:
             print_fn('Mult-adds depend on the input size: summary(input_size=...) gives them')
+
+
+def _stacked(examples, who):
+    """A list of same-shaped arrays or numbers as one array; ShapeError naming the first odd one."""
+    if not examples:
+        raise ValueError(f"{who} needs at least one input, got an empty {type(examples).__name__}")
+    shapes = [tuple(np.shape(example)) for example in examples]
+    odd = next((i for i, s in enumerate(shapes) if s != shapes[0]), None)
+    if odd is not None:
+        raise ShapeError(f"{who}: x is a list of arrays of different shapes: item 0 is {shapes[0]}, "
+                         f"item {odd} is {shapes[odd]}; stack examples of one shape")
+    return checks.numbers_array(examples, 'x', who)
 
 
 def _batch_shape(shape, batch='N'):

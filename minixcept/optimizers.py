@@ -7,12 +7,13 @@ that array sees the new values, and the layer's ``weights_version`` moves on, so
 whoever computed something from the old ones (an engine's folded kernels) knows. Its
 per-parameter state (velocity, moments) is keyed by the layer and the weight name.
 """
+from . import checks
 from .backend import get_array_module
 
 
 class Optimizer:
     def __init__(self, learning_rate):
-        self.learning_rate = learning_rate
+        self.learning_rate = checks.number(learning_rate, 'learning_rate', type(self).__name__, 0, low_open=True)
         self.iterations = 0
         self._slots = {}
 
@@ -23,7 +24,16 @@ class Optimizer:
         return self._slots[key]
 
     def apply_gradients(self, layers):
-        """One step over the gradients in each trainable layer's ``grads``."""
+        """One step over the gradients in each trainable layer's ``grads``; each gradient has
+        its parameter's shape (checked first, so a mismatch changes nothing)."""
+        who = type(self).__name__
+        layers = list(layers) if isinstance(layers, (list, tuple)) or hasattr(layers, '__next__') else layers
+        if not isinstance(layers, list) or not all(hasattr(layer, 'grads') and hasattr(layer, 'params') for layer in layers):
+            raise TypeError(f"{who}: apply_gradients takes a list of layers (model.layers), got {type(layers).__name__}")
+        for layer in layers:
+            for name, grad in (layer.grads.items() if layer.trainable else ()):
+                checks.array(grad, f"the gradient of {name!r}", f"{who}, layer {layer.name!r}")
+                checks.shape(grad, layer.params[name].shape, f"the gradient of {name!r}", f"{who}, layer {layer.name!r}")
         self.iterations += 1
         for layer in layers:
             if not layer.trainable or not layer.grads:
@@ -46,8 +56,8 @@ class SGD(Optimizer):
 
     def __init__(self, learning_rate=0.01, momentum=0.0, nesterov=False):
         super().__init__(learning_rate)
-        self.momentum = momentum
-        self.nesterov = nesterov
+        self.momentum = checks.number(momentum, 'momentum', 'SGD', 0, 1, high_open=True)
+        self.nesterov = checks.flag(nesterov, 'nesterov', 'SGD')
 
     def _step(self, layer, name, param, grad):
         if self.momentum == 0:
@@ -69,7 +79,9 @@ class Adam(Optimizer):
 
     def __init__(self, learning_rate=0.001, beta_1=0.9, beta_2=0.999, epsilon=1e-7):
         super().__init__(learning_rate)
-        self.beta_1, self.beta_2, self.epsilon = beta_1, beta_2, epsilon
+        self.beta_1 = checks.number(beta_1, 'beta_1', 'Adam', 0, 1, high_open=True)      # 1 would divide by 1 - 1
+        self.beta_2 = checks.number(beta_2, 'beta_2', 'Adam', 0, 1, high_open=True)
+        self.epsilon = checks.number(epsilon, 'epsilon', 'Adam', 0, low_open=True)
 
     def _step(self, layer, name, param, grad):
         xp = get_array_module(param)

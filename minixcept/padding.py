@@ -17,19 +17,22 @@ differs from Keras's. tests/test_padding.py has TensorFlow itself fix the conven
 'valid' keeps only the windows that fit, so the last rows of the input may be read by no
 window (their gradient is zero).
 """
+import numbers
 
 
 def as_pair(value, what='value'):
-    """2 -> (2, 2); (2, 3) -> (2, 3)."""
-    if isinstance(value, int):
-        return (value, value)
-    pair = tuple(value)
-    if len(pair) != 2:
-        raise ValueError(f"{what} must be an int or a pair, got {value!r}")
-    return pair
+    """2 -> (2, 2); (2, 3) -> (2, 3): whole numbers of 1 or more."""
+    pair = (value, value) if not isinstance(value, (tuple, list)) else tuple(value)
+    if len(pair) != 2 or any(isinstance(v, bool) or not isinstance(v, numbers.Integral) for v in pair):
+        raise TypeError(f"{what} must be a whole number or a pair of them, got {value!r}")
+    if min(pair) < 1:
+        raise ValueError(f"{what} must be 1 or more, got {value!r}")
+    return tuple(int(v) for v in pair)
 
 
 def check_padding(padding):
+    if not isinstance(padding, str):
+        raise TypeError(f"padding must be 'valid' or 'same', got {padding!r}")
     padding = padding.lower()
     if padding not in ('valid', 'same'):
         raise ValueError(f"padding must be 'valid' or 'same', got {padding!r}")

@@ -16,8 +16,12 @@ Two details of the graph matter for correctness (and have broken ports):
   branch only, and the shortcut reads the *pre*-ReLU tensor;
 - a block input feeds two branches, so its gradient is the sum of both (the Model adds).
 """
+import numbers
+import os
+
 import numpy as np
 
+from . import checks
 from .backend import get_array_module
 from .errors import ShapeError
 from .layers import (Activation, Add, BatchNormalization, Conv2D, Dense, GlobalAveragePooling2D,
@@ -34,6 +38,9 @@ def preprocess_input(images):
     Accepts uint8 or float arrays of any shape ending in 3 channels, NumPy (or lists) or CuPy;
     returns float32 on the same side.
     """
+    if not checks.is_array(images):
+        images = checks.numbers_array(images, 'images', 'preprocess_input')
+    checks.array(images, 'images', 'preprocess_input', kinds='biuf')
     xp = get_array_module(images)
     return xp.asarray(images, dtype=np.float32) / np.float32(127.5) - np.float32(1.0)
 
@@ -49,7 +56,13 @@ def xception_input_shape(input_shape, include_top, weights):
     """
     if input_shape is None:
         return (DEFAULT_SIDE, DEFAULT_SIDE, 3) if include_top else (None, None, 3)
-    input_shape = tuple(input_shape)
+    if not isinstance(input_shape, (tuple, list)):
+        raise TypeError(f"Xception: input_shape must be a tuple (height, width, 3), got {input_shape!r}")
+    for size in input_shape:
+        if size is not None and (isinstance(size, bool) or not isinstance(size, numbers.Integral)):
+            raise TypeError(f"Xception: input_shape must hold whole numbers (or None for a free side), "
+                            f"got input_shape={tuple(input_shape)!r}")
+    input_shape = tuple(None if size is None else int(size) for size in input_shape)
     if (len(input_shape) != 3 or input_shape[2] != 3
             or any(side is not None and side < MIN_SIDE for side in input_shape[:2])):
         raise ShapeError(f"Xception takes inputs of shape (height, width, 3) with both sides "
@@ -95,9 +108,16 @@ class Xception(Model):
 
     def __init__(self, include_top=True, weights=None, input_shape=(DEFAULT_SIDE, DEFAULT_SIDE, 3), pooling=None,
                  classes=1000, middle_blocks=8, middle_width=728, name='xception'):
+        checks.flag(include_top, 'include_top', 'Xception')
+        if not (weights is None or isinstance(weights, (str, os.PathLike))):
+            raise TypeError(f"Xception: weights must be None, 'imagenet' or the path of a weights file, got {weights!r}")
         input_shape = xception_input_shape(input_shape, include_top, weights)
-        if pooling not in (None, 'avg', 'max'):
-            raise ValueError(f"pooling must be None, 'avg' or 'max', got {pooling!r}")
+        checks.choice(pooling, 'pooling', 'Xception', (None, 'avg', 'max'))
+        checks.integer(classes, 'classes', 'Xception', minimum=1)
+        checks.integer(middle_blocks, 'middle_blocks', 'Xception', minimum=1)
+        checks.integer(middle_width, 'middle_width', 'Xception', minimum=1)
+        if not isinstance(name, str):
+            raise TypeError(f"Xception: name must be a string, got {name!r}")
         if weights == 'imagenet' and include_top and classes != 1000:
             raise ValueError(f"the ImageNet weights with the top classify into 1000 classes, got classes={classes}")
         super().__init__(input_shape, name=name)

@@ -68,7 +68,7 @@ ACTIVATIONS = {
 def activation_pair(name):
     try:
         return ACTIVATIONS[name]
-    except KeyError:
+    except (KeyError, TypeError):
         raise ValueError(f"unknown activation {name!r}: choose one of {sorted(map(str, ACTIVATIONS))}") from None
 
 

@@ -13,7 +13,7 @@ from collections import defaultdict
 
 import numpy as np
 
-from .. import backend
+from .. import backend, checks
 from ..errors import ShapeError
 
 _grad_enabled = True
@@ -88,21 +88,23 @@ class Layer:
         return [host.copy() if host is param else host for param, host in arrays]
 
     def set_weights(self, weights):
-        """Set weights from a list in Keras order, checking every shape."""
+        """Set weights from a list in Keras order, checking every shape and type first: a
+        mismatch names the layer and the weight, and leaves the layer as it was."""
         if not self.built:
             raise RuntimeError(f"layer {self.name!r} is not built yet: call build(input_shape) first")
+        if isinstance(weights, (str, bytes, dict)) or checks.is_array(weights):
+            raise TypeError(f"layer {self.name!r}: set_weights takes a list of arrays {list(self.weight_names)}, "
+                            f"got a {type(weights).__name__}")
         weights = list(weights)
         if len(weights) != len(self.weight_names):
             raise ShapeError(
                 f"layer {self.name!r} expects {len(self.weight_names)} weights "
                 f"{list(self.weight_names)}, got {len(weights)}")
-        for name, value in zip(self.weight_names, weights):
-            expected = self.params[name].shape
-            if tuple(value.shape) != tuple(expected):
-                raise ShapeError(
-                    f"layer {self.name!r} weight {name!r}: expected shape {tuple(expected)}, "
-                    f"got {tuple(value.shape)}")
-        for name, value in zip(self.weight_names, weights):
+        who = f"layer {self.name!r}"
+        arrays = [checks.numbers_array(value, f"weight {name!r}", who) for name, value in zip(self.weight_names, weights)]
+        for name, value in zip(self.weight_names, arrays):
+            checks.shape(value, self.params[name].shape, f"weight {name!r}", who)
+        for name, value in zip(self.weight_names, arrays):
             self._new_param(name, value)
 
     def named(self, *gradients):
@@ -128,15 +130,27 @@ class Layer:
 
     # -- computation ---------------------------------------------------------
     def forward(self, x, training=False):
+        self.check_input(x)
+        checks.flag(training, 'training', f"layer {self.name!r}")
         if not self.built:
             self.build(x.shape)
         y, cache = self._forward(x, training)
-        self._cache = (cache,) if _grad_enabled else None       # wrapped: a cache may itself be None
+        self._cache = (cache, tuple(y.shape)) if _grad_enabled else None   # wrapped: a cache may itself be None
         return y
+
+    def check_input(self, x, name='x'):
+        """The door: ``x`` is an array of floats, and a built layer with weights gets the
+        channels (the last axis) it was built for - its kernels have that many rows."""
+        who = f"layer {self.name!r}"
+        checks.array(x, name, who)
+        if self.built and self.params and self.input_shape and x.ndim >= 1 and x.shape[-1] != self.input_shape[-1]:
+            raise ShapeError(f"{who} was built for inputs with {self.input_shape[-1]} channels (last axis), "
+                             f"got {name} of shape {tuple(x.shape)}")
 
     def forward_step(self, x, training=False):
         """The pure pair's forward, the cache handed back instead of kept: (y, cache).
         For runners that keep caches of their own (one per share of a batch, in an engine)."""
+        self.check_input(x)
         if not self.built:
             self.build(x.shape)
         return self._forward(x, training)
@@ -147,12 +161,16 @@ class Layer:
         return self._backward(dy, cache)
 
     def backward(self, dy):
-        """Gradient with respect to the input; fills ``self.grads``."""
+        """Gradient with respect to the input; fills ``self.grads``. ``dy`` has the shape of
+        the last forward's output."""
         if self._cache is None:
             raise RuntimeError(
                 f"layer {self.name!r}: backward needs a forward pass run with gradients "
                 f"enabled (not inside minixcept.no_grad())")
-        dx, grads = self._backward(dy, self._cache[0])
+        cache, output_shape = self._cache
+        checks.array(dy, 'dy', f"layer {self.name!r}")
+        checks.shape(dy, output_shape, "dy (the last forward's output shape)", f"layer {self.name!r}")
+        dx, grads = self._backward(dy, cache)
         self.grads = grads
         return dx
 

@@ -25,6 +25,7 @@ from ..backend import get_array_module
 from ..padding import as_pair, check_padding, crop_spatial, pad_spatial, window, window_geometry
 import numpy as np
 
+from .. import checks
 from .base import Layer, check_rank, glorot_uniform, init_rng
 
 
@@ -80,11 +81,11 @@ class Conv2D(Layer):
 
     def __init__(self, filters, kernel_size, strides=1, padding='valid', use_bias=True, **kwargs):
         super().__init__(**kwargs)
-        self.filters = filters
+        self.filters = checks.integer(filters, 'filters', f"layer {self.name!r}", minimum=1)
         self.kernel_size = as_pair(kernel_size, 'kernel_size')
         self.strides = as_pair(strides, 'strides')
         self.padding = check_padding(padding)
-        self.use_bias = use_bias
+        self.use_bias = checks.flag(use_bias, 'use_bias', f"layer {self.name!r}")
         self.weight_names = ('kernel', 'bias') if use_bias else ('kernel',)
 
     def build(self, input_shape):

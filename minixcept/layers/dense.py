@@ -15,6 +15,7 @@ import numpy as np
 
 from ..backend import get_array_module
 from .activation import activation_pair
+from .. import checks
 from .base import Layer, check_rank, glorot_uniform, init_rng
 
 
@@ -38,9 +39,9 @@ class Dense(Layer):
 
     def __init__(self, units, activation=None, use_bias=True, **kwargs):
         super().__init__(**kwargs)
-        self.units = units
+        self.units = checks.integer(units, 'units', f"layer {self.name!r}", minimum=1)
         self.activation = activation
-        self.use_bias = use_bias
+        self.use_bias = checks.flag(use_bias, 'use_bias', f"layer {self.name!r}")
         self._activation_forward, self._activation_backward = activation_pair(activation)
         self.weight_names = ('kernel', 'bias') if use_bias else ('kernel',)
 
@@ -86,9 +87,7 @@ class Dropout(Layer):
 
     def __init__(self, rate, seed=None, **kwargs):
         super().__init__(**kwargs)
-        if not 0 <= rate < 1:
-            raise ValueError(f"dropout rate must be in [0, 1), got {rate}")
-        self.rate = rate
+        self.rate = checks.number(rate, 'rate', f"layer {self.name!r}", 0, 1, high_open=True)
         self.rng = np.random.default_rng(seed) if seed is not None else None
 
     def _forward(self, x, training):

@@ -49,6 +49,7 @@ from ..backend import get_array_module
 from ..padding import as_pair, check_padding, crop_spatial, pad_spatial, window, window_geometry
 import numpy as np
 
+from .. import checks
 from .base import Layer, check_rank, glorot_uniform, init_rng
 
 
@@ -104,7 +105,7 @@ class DepthwiseConv2D(Layer):
         self.kernel_size = as_pair(kernel_size, 'kernel_size')
         self.strides = as_pair(strides, 'strides')
         self.padding = check_padding(padding)
-        self.use_bias = use_bias
+        self.use_bias = checks.flag(use_bias, 'use_bias', f"layer {self.name!r}")
         self.weight_names = ('depthwise_kernel', 'bias') if use_bias else ('depthwise_kernel',)
 
     def build(self, input_shape):

@@ -10,6 +10,8 @@ depends on a tensor through two paths changes with it along both, so its derivat
 the sum of the two (the multivariable chain rule). Keeping only one branch's gradient
 gives an array of the right shape and no error - and a wrong gradient.
 """
+from .. import checks
+from ..errors import ShapeError
 from .base import Layer
 
 
@@ -17,18 +19,22 @@ class Add(Layer):
     """Keras's Add(): the elementwise sum of two tensors of the same shape."""
 
     def forward(self, a, b, training=False):
+        self.check_input(a, 'a')
+        self.check_input(b, 'b')
         if a.shape != b.shape:
-            from ..errors import ShapeError
             raise ShapeError(f"layer {self.name!r} adds tensors of different shapes "
                              f"{tuple(a.shape)} and {tuple(b.shape)}")
         if not self.built:
             self.build(a.shape)
-        self._cache = True
+        self._cache = (None, tuple(a.shape))
         return a + b
 
     __call__ = forward
 
     def backward(self, dy):
         """Returns (da, db): both are dy."""
+        checks.array(dy, 'dy', f"layer {self.name!r}")
+        if self._cache is not None:
+            checks.shape(dy, self._cache[1], "dy (the last forward's output shape)", f"layer {self.name!r}")
         self.grads = {}
         return dy, dy

@@ -42,6 +42,7 @@ The cache keeps only x, gamma, the mean and inv_std; x_hat is recomputed.
 import numpy as np
 
 from ..backend import get_array_module
+from .. import checks
 from .base import Layer
 
 
@@ -115,8 +116,8 @@ class BatchNormalization(Layer):
 
     def __init__(self, epsilon=1e-3, momentum=0.99, **kwargs):
         super().__init__(**kwargs)
-        self.epsilon = epsilon
-        self.momentum = momentum
+        self.epsilon = checks.number(epsilon, 'epsilon', f"layer {self.name!r}", 0, low_open=True)
+        self.momentum = checks.number(momentum, 'momentum', f"layer {self.name!r}", 0, 1)
 
     def build(self, input_shape):
         super().build(input_shape)

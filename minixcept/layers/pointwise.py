@@ -16,6 +16,7 @@ neighbours and needs no padding: an M x M input stays M x M, only the channels c
 """
 import numpy as np
 
+from .. import checks
 from .base import Layer, check_rank, glorot_uniform, init_rng
 
 
@@ -49,8 +50,8 @@ class PointwiseConv2D(Layer):
 
     def __init__(self, filters, use_bias=False, **kwargs):
         super().__init__(**kwargs)
-        self.filters = filters
-        self.use_bias = use_bias
+        self.filters = checks.integer(filters, 'filters', f"layer {self.name!r}", minimum=1)
+        self.use_bias = checks.flag(use_bias, 'use_bias', f"layer {self.name!r}")
         self.weight_names = ('pointwise_kernel', 'bias') if use_bias else ('pointwise_kernel',)
 
     def build(self, input_shape):

@@ -19,6 +19,7 @@ whenever the layer widens: pointwise first would cost C_in*C_out + k*k*C_out = 8
 import numpy as np
 
 from ..padding import as_pair, check_padding, window_geometry
+from .. import checks
 from .base import Layer, check_rank, glorot_uniform, init_rng
 from .depthwise import depthwise_conv2d_backward, depthwise_conv2d_forward
 from .pointwise import pointwise_conv2d_backward, pointwise_conv2d_forward
@@ -48,11 +49,11 @@ class SeparableConv2D(Layer):
 
     def __init__(self, filters, kernel_size, strides=1, padding='valid', use_bias=True, **kwargs):
         super().__init__(**kwargs)
-        self.filters = filters
+        self.filters = checks.integer(filters, 'filters', f"layer {self.name!r}", minimum=1)
         self.kernel_size = as_pair(kernel_size, 'kernel_size')
         self.strides = as_pair(strides, 'strides')
         self.padding = check_padding(padding)
-        self.use_bias = use_bias
+        self.use_bias = checks.flag(use_bias, 'use_bias', f"layer {self.name!r}")
         self.weight_names = ('depthwise_kernel', 'pointwise_kernel') + (('bias',) if use_bias else ())
 
     def build(self, input_shape):

@@ -38,6 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import checks
 from ..files.fetch import NOTOP_WEIGHTED_LAYERS
 from ..files.hdf5 import read_weights
 from ..files.images import ImageDecodeError, load_image
@@ -70,6 +71,11 @@ class Pair:
 
 def build_pair(path, reference=None, size=None):
     """Both models for a weights file or a .keras model (``reference``: Keras's file instead)."""
+    for name, value in (('path', path), ('reference', reference)):
+        if not (isinstance(value, (str, os.PathLike)) or (value is None and name == 'reference')):
+            raise TypeError(f"build_pair: {name} must be the path of a weights or .keras file, got {value!r}")
+    if not (size is None or isinstance(size, str) or (isinstance(size, int) and not isinstance(size, bool))):
+        raise TypeError(f"build_pair: size must be None, a side (299) or 'HxW' ('180x240'), got {size!r}")
     if zipfile.is_zipfile(path):
         return _pair_from_keras_model(path, reference or path, size)
     return _pair_from_weights(path, reference or path, size)
@@ -208,6 +214,9 @@ def _side_pair(size):
 # -- 2. run --------------------------------------------------------------------------------------
 def load_photos(paths, height, width):
     """The photos as uint8 (N, height, width, 3); CompareError naming the first that fails."""
+    _names_list(paths, 'paths', 'load_photos', kinds=(str, os.PathLike))
+    checks.integer(height, 'height', 'load_photos', minimum=1)
+    checks.integer(width, 'width', 'load_photos', minimum=1)
     try:
         return np.stack([load_image(path, (height, width)) for path in paths])
     except ImageDecodeError as error:
@@ -267,7 +276,14 @@ class Row:
 
 def compare(pair, photos, names, batch_size=BATCH_SIZE):
     """[Row] for ``names``: max |a - b| and max |b| accumulated batch by batch (a max of
-    maxima), so any number of photos takes the memory of one batch."""
+    maxima), so any number of photos takes the memory of one batch.
+
+    photos: uint8 (N, H, W, 3) pixels, as ``load_photos`` gives them; names: layer names."""
+    if not isinstance(pair, Pair):
+        raise TypeError(f"compare: pair must be a Pair (build_pair gives one), got {type(pair).__name__}")
+    checks.array(photos, 'photos', 'compare', kinds='biuf', rank=4)
+    _names_list(names, 'names', 'compare')
+    checks.integer(batch_size, 'batch_size', 'compare', minimum=1)
     rows = {}
     order, run_keras = layer_names(pair), keras_runner(pair)
     for start in range(0, len(photos), batch_size):
@@ -286,6 +302,9 @@ def compare(pair, photos, names, batch_size=BATCH_SIZE):
 
 def select_layers(all_names, patterns):
     """The names matching ``patterns`` (names or shell patterns such as 'block14_*'), in model order."""
+    _names_list(all_names, 'all_names', 'select_layers')
+    if patterns is not None:
+        _names_list(patterns, 'patterns', 'select_layers')
     if not patterns:
         return list(all_names)
     import difflib
@@ -300,6 +319,11 @@ def select_layers(all_names, patterns):
 # -- 3. report -----------------------------------------------------------------------------------
 def report(rows, tolerance=TOLERANCE, print_fn=print):
     """Print the table; return True when every row is within the tolerance."""
+    if not isinstance(rows, (list, tuple)) or not rows or not all(isinstance(row, Row) for row in rows):
+        raise TypeError(f"report: rows must be a non-empty list of Row (compare gives one), got {rows!r:.60}")
+    checks.number(tolerance, 'tolerance', 'report', 0)
+    if not callable(print_fn):
+        raise TypeError(f"report: print_fn must be a function, got {type(print_fn).__name__}")
     failing = [row for row in rows if not row.error <= tolerance]
     width = max([len('layer')] + [len(row.name) for row in rows])
     shape_width = max([len('output shape')] + [len(str(row.shape)) for row in rows])
@@ -315,6 +339,13 @@ def report(rows, tolerance=TOLERANCE, print_fn=print):
     else:
         print_fn(f'OK: every layer within {tolerance:.0e}')
     return not failing
+
+
+def _names_list(values, name, who, kinds=(str,)):
+    """A list (or tuple) of strings - not one string, whose letters would be taken one by one."""
+    if not isinstance(values, (list, tuple)) or not all(isinstance(value, kinds) for value in values):
+        raise TypeError(f"{who}: {name} must be a list of {'paths' if os.PathLike in kinds else 'names'}, "
+                        f"got {values!r:.60}")
 
 
 # -- command line --------------------------------------------------------------------------------

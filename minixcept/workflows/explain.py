@@ -27,7 +27,8 @@ returns the gradient of R's input once every reader of that tensor has added its
 """
 import numpy as np
 
-from .. import backend
+from .. import backend, checks
+from ..errors import ShapeError
 from ..layers.base import no_grad
 
 
@@ -35,7 +36,7 @@ from ..layers.base import no_grad
 
 def predicted_classes(logits):
     """(N, K) logits -> (N,) the most probable class; one logit means class 1 when z > 0."""
-    logits = backend.asnumpy(logits)
+    logits = backend.asnumpy(checks.array(logits, 'logits', 'predicted_classes', rank=2))
     if logits.shape[1] == 1:
         return (logits[:, 0] > 0).astype(np.int64)
     return np.argmax(logits, axis=1)
@@ -46,11 +47,12 @@ def class_scores(logits, classes):
 
     K = 1: s = z for class 1 and -z for class 0 (so ds/dz = +1 or -1); K > 1: s = z[class].
     """
+    checks.array(logits, 'logits', 'class_scores', rank=2)
+    classes = _class_indices(classes, len(logits), 'classes')
     xp = backend.get_array_module(logits)
-    classes = np.asarray(classes, dtype=np.int64)
     count = max(logits.shape[1], 2)                # one logit: two classes
     if classes.min(initial=0) < 0 or classes.max(initial=0) >= count:
-        raise ValueError(f"class_index must lie in 0..{count - 1} for a head with {logits.shape[1]} "
+        raise ValueError(f"class_index (classes) must lie in 0..{count - 1} for a head with {logits.shape[1]} "
                          f"logit(s), got {sorted(set(classes.tolist()))}")
     rows = np.arange(len(classes))
     dlogits = np.zeros(logits.shape, dtype=logits.dtype)
@@ -67,7 +69,26 @@ def _classes(class_index, logits):
     """class_index as an (N,) array: one int for all images, one per image, or (None) predicted."""
     if class_index is None:
         return predicted_classes(logits)
-    return np.broadcast_to(np.asarray(class_index, dtype=np.int64), (len(logits),))
+    return _class_indices(class_index, len(logits), 'class_index')
+
+
+def _class_indices(value, count, name):
+    """One whole number, or ``count`` of them, as an (count,) int64 array; TypeError / ShapeError
+    naming ``name`` otherwise (the range is checked against the head's logits)."""
+    indices = backend.asnumpy(checks.numbers_array(value, name, 'explain'))
+    if indices.dtype.kind not in 'iu':
+        raise TypeError(f"explain: {name} must be whole numbers (class indices), got {value!r}")
+    if indices.ndim > 1 or indices.size not in (1, count):
+        raise ShapeError(f"explain: {name} must be one class index or one per image ({count}), got shape "
+                         f"{tuple(indices.shape)}")
+    return np.broadcast_to(indices.astype(np.int64).reshape(-1), (count,))
+
+
+def _check_models(model, head, who):
+    for name, value in (('model', model), ('head', head)):
+        if not (hasattr(value, 'forward') and hasattr(value, 'backward')):
+            raise TypeError(f"{who}: {name} must be a Model (or a runner with forward and backward), "
+                            f"got {type(value).__name__}")
 
 
 # -- the gradient at any named tensor -------------------------------------------------------
@@ -96,6 +117,8 @@ def gradient_at(model, head, x, layer=None, class_index=None):
     output shape (x itself for layer=None), on the current backend. Batch-norm and
     dropout run in inference mode; the backward pass stops as soon as the gradient is whole.
     """
+    _check_models(model, head, 'gradient_at')
+    checks.optional_name(layer, 'layer', 'gradient_at')
     reader = None if layer is None else _reader_of(model, layer)
     if layer is None:
         features, activation = model.forward(x), x
@@ -127,6 +150,9 @@ def grad_cam(model, head, x, layer='block14_sepconv2_act', class_index=None):
 
 def cam_from(activation, gradient):
     """The Grad-CAM map (N, h, w) from an activation (N, h, w, K) and the score's gradient there."""
+    checks.array(activation, 'activation', 'cam_from', rank=4)
+    checks.array(gradient, 'gradient', 'cam_from')
+    checks.shape(gradient, activation.shape, 'gradient (the shape of activation)', 'cam_from')
     xp = backend.get_array_module(activation)
     channel_weights = gradient.mean(axis=(1, 2), keepdims=True)         # alpha: (N, 1, 1, K)
     cam = xp.maximum((channel_weights * activation).sum(axis=3), 0)     # (N, h, w)
@@ -135,6 +161,10 @@ def cam_from(activation, gradient):
 
 def noisy_copy(x, noise, rng):
     """x plus Gaussian noise of standard deviation noise * (max - min of each image)."""
+    checks.array(x, 'x', 'noisy_copy')
+    checks.number(noise, 'noise', 'noisy_copy', 0)
+    if not hasattr(rng, 'standard_normal'):
+        raise TypeError(f"noisy_copy: rng must be a numpy.random.Generator, got {type(rng).__name__}")
     xp = backend.get_array_module(x)
     axes = tuple(range(1, x.ndim))
     spread = x.max(axis=axes, keepdims=True) - x.min(axis=axes, keepdims=True)
@@ -151,6 +181,12 @@ def saliency(model, head, x, samples=8, noise=0.15, seed=0, class_index=None, pr
     ``numpy.random.default_rng(seed)``. progress(done, samples) is called after each copy.
     Returns the averaged gradient (N, H, W, C) as a NumPy array; ``saliency_image`` makes it a picture.
     """
+    _check_models(model, head, 'saliency')
+    checks.integer(samples, 'samples', 'saliency', minimum=1)
+    checks.number(noise, 'noise', 'saliency', 0)
+    checks.integer(seed, 'seed', 'saliency', minimum=0)
+    if progress is not None and not callable(progress):
+        raise TypeError(f"saliency: progress must be a function (done, samples) or None, got {type(progress).__name__}")
     if class_index is None:
         with no_grad():
             class_index = predicted_classes(head.forward(model.forward(x)))
@@ -170,6 +206,9 @@ def saliency_image(gradient, percentile=99):
     """(N, H, W, C) gradient -> (N, H, W) in [0, 1]: the largest |gradient| over the channels,
     scaled so that each image's ``percentile``-th value is 1 (a few extreme pixels would
     otherwise leave the rest black)."""
+    gradient = checks.array(backend.asnumpy(checks.array(gradient, 'gradient', 'saliency_image')),
+                            'gradient', 'saliency_image', rank=4)
+    checks.number(percentile, 'percentile', 'saliency_image', 0, 100, low_open=True)
     magnitude = np.abs(np.asarray(gradient)).max(axis=3)
     top = np.percentile(magnitude.reshape(len(magnitude), -1), percentile, axis=1)
     return np.clip(magnitude / np.maximum(top, 1e-30)[:, None, None], 0, 1)
