@@ -225,24 +225,95 @@ def test_stored_batches_that_fail_a_check_are_computed_again(random_base, photos
     np.testing.assert_array_equal(resumed.features, reference.features)
 
 
-def test_a_complete_file_whose_features_were_altered_is_rebuilt(random_base, photos, tmp_path):
+def test_a_complete_file_whose_features_or_labels_were_altered_is_rebuilt(random_base, photos, tmp_path):
     key = cache_key(photos, SIZE, 'random-init-seed-0')
     cache_file = tmp_path / 'validation.h5'
     built = extract_features(random_base, photos, cache_file=cache_file, key=key, log=lambda m: None, **QUIET)
-    with h5py.File(cache_file, 'a') as f:
-        f['features'][3, 7] += 1.0
+    clean = cache_file.read_bytes()
     messages = []
-    assert read_cache(cache_file, key, photos, log=messages.append) is None
-    assert 'do not match their checksum' in messages[0] and 'rebuilding' in messages[0]
-    with h5py.File(cache_file, 'a') as f:               # rows dropped: the counts no longer agree
-        f['features'][3, 7] -= 1.0
-        del f['labels']
-        f['labels'] = np.zeros(3, np.int64)
-    assert read_cache(cache_file, key, photos, log=messages.append) is None
-    assert 'row counts disagree' in messages[1]
+    for change in ('a feature', 'a label', 'rows dropped'):
+        cache_file.write_bytes(clean)
+        with h5py.File(cache_file, 'a') as f:           # a valid HDF5 file, its checksum block kept
+            if change == 'a feature':
+                f['features'][3, 7] += 1.0
+            elif change == 'a label':
+                f['labels'][2] = 1 - f['labels'][2]
+            else:
+                del f['labels']
+                f['labels'] = np.zeros(3, np.int64)
+        assert read_cache(cache_file, key, photos, log=messages.append) is None, change
+        assert 'do not match the checksum' in messages[-1] and 'rebuilding' in messages[-1], messages[-1]
     again = extract_features(random_base, photos, cache_file=cache_file, key=key, log=lambda m: None, **QUIET)
     assert again.cache == 'rebuilt'
     np.testing.assert_array_equal(again.features, built.features)
+    np.testing.assert_array_equal(again.labels, built.labels)
+
+
+class Folder:
+    """What read_cache needs of an ImageFolder: the split's root and its photos."""
+    def __init__(self, root, count):
+        self.root, self.files = root, [root / 'cats' / f'{i}.jpg' for i in range(count)]
+
+
+def test_every_byte_of_a_cache_file_flipped_is_harmless_or_refused(tmp_path):
+    """One byte at a time, at every offset of a small complete file (about 8 KB): each read
+    either gives back exactly what was written or refuses the file (None, saying why);
+    nothing damaged is ever read back, and nothing raises."""
+    from minixcept.files.cache import Features, _write_cache
+    folder = Folder(tmp_path, 6)
+    written = Features(features=np.random.default_rng(0).standard_normal((5, 4)).astype(np.float32),
+                       labels=np.array([0, 1, 1, 0, 1]), files=folder.files[:5], class_names=['cats', 'dogs'],
+                       skipped=[(str(folder.files[5]), 'not decodable')])
+    cache_file = tmp_path / 'train.h5'
+    _write_cache(cache_file, 'the key', written, SIZE, tmp_path)
+    clean = cache_file.read_bytes()
+    refused, harmless = 0, 0
+    descriptor = os.open(cache_file, os.O_WRONLY)
+    for offset in range(len(clean)):
+        os.pwrite(descriptor, bytes([clean[offset] ^ 0xFF]), offset)
+        messages = []
+        read = read_cache(cache_file, 'the key', folder, log=messages.append)
+        os.pwrite(descriptor, clean[offset:offset + 1], offset)
+        if read is None:
+            assert len(messages) == 1 and 'rebuilding' in messages[0], (offset, messages)
+            refused += 1
+            continue
+        harmless += 1
+        np.testing.assert_array_equal(read.features, written.features, err_msg=f'offset {offset}')
+        np.testing.assert_array_equal(read.labels, written.labels, err_msg=f'offset {offset}')
+        assert read.files == written.files and read.skipped == written.skipped, offset
+        assert read.class_names == written.class_names, offset
+    os.close(descriptor)
+    assert refused + harmless == len(clean) and refused > len(clean) * 0.9, (refused, harmless)
+    assert read_cache(cache_file, 'the key', folder).labels.tolist() == [0, 1, 1, 0, 1]
+
+
+def test_every_byte_of_a_stored_batch_flipped_is_harmless_or_refused(tmp_path):
+    """The same for a batch file of a running extraction (.npz: a CRC-32 per array, the
+    features' sha256 inside): each flip reads back the same batch or is refused."""
+    from minixcept.files.cache import Chunk, _UNREADABLE, _Damaged
+    cache = FeatureCache(tmp_path / 'train.h5', 'the key', log=lambda message: None)
+    cache.partial.mkdir(parents=True)
+    written = Chunk(0, 3, np.random.default_rng(0).standard_normal((2, 4)).astype(np.float32), np.array([0, 2]),
+                    [('cats/1.jpg', 'not decodable')])
+    cache.save_chunk(written)
+    path, = cache.partial.glob('rows_*.npz')
+    clean = path.read_bytes()
+    refused = 0
+    descriptor = os.open(path, os.O_WRONLY)
+    for offset in range(len(clean)):
+        os.pwrite(descriptor, bytes([clean[offset] ^ 0xFF]), offset)
+        try:
+            read = cache._read_chunk(path)
+        except (_Damaged, *_UNREADABLE):
+            refused += 1
+        else:
+            assert (read.begin, read.end, read.failed) == (0, 3, written.failed), offset
+            np.testing.assert_array_equal(read.features, written.features, err_msg=f'offset {offset}')
+            np.testing.assert_array_equal(read.loaded, written.loaded, err_msg=f'offset {offset}')
+        os.pwrite(descriptor, clean[offset:offset + 1], offset)
+    os.close(descriptor)
+    assert refused > len(clean) // 2, refused
 
 
 # -- the atomic write under all of it ---------------------------------------------------------

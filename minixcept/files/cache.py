@@ -4,7 +4,7 @@ Computing Xception's features of a few thousand photos takes minutes to hours, s
 kept on disk, one split (``train``, ``validation``...) at a time::
 
     <cache>/<split>.h5              a complete extraction: features (N, D), labels, files, the
-                                    photos skipped, the key and a checksum of the features
+                                    photos skipped and the key, the whole file under a checksum
     <cache>/<split>.h5.partial/     an extraction in progress, one file per finished batch:
         rows_000000_000032.npz      rows 0..32 of the split's photo list, with the key
     <cache>/<split>.h5.lock         the lock file of the split (empty, never removed)
@@ -20,11 +20,16 @@ What the cache guarantees, and how:
   and renamed into place (``minixcept.files.atomic``), so a process killed at any instant -
   Ctrl-C, SIGKILL, out of memory, power cut after the fsync - leaves whole files and stray
   ``.*.tmp`` files, never a half-written file under a real name.
-- **Nothing is trusted without being checked.** Reading a batch file or the complete file
-  checks that it opens, that the key stored inside is the expected one, that the row counts
-  agree (features, photos kept and photos skipped add up to the rows it covers) and that
-  the sha256 of the features equals the one stored beside them. A file that fails any
-  check counts as not there: it is computed again, never read back.
+- **Nothing is trusted without being checked.** The complete file is an HDF5 file whose
+  first 512 bytes (HDF5's user block, which HDF5 itself skips) hold the sha256 of every
+  byte after them: features, labels, file names, skips, key and class names, and the HDF5
+  structure that holds them. Reading it checks that checksum over the bytes in memory
+  before HDF5 parses anything, so a flipped bit anywhere - in the labels as much as in the
+  features - is refused, and a damaged file never reaches the HDF5 library. Then the key
+  stored inside must be the expected one, the row counts must agree (features, photos kept
+  and photos skipped add up to the split's photos) and every label must name a class. A
+  batch file is checked the same way, with the sha256 of its features. A file that fails
+  any check counts as not there: it is computed again, never read back.
 - **A killed extraction resumes.** The batches already stored (contiguous from row 0) are
   read back and the rest computed, in the same batches as an uninterrupted run, so the
   features come out bit for bit the same.
@@ -40,6 +45,7 @@ What the cache guarantees, and how:
 """
 import contextlib
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -61,7 +67,12 @@ except ImportError:                  # pragma: no cover - Windows
 __all__ = ["Features", "Chunk", "FeatureCache", "cache_key", "weights_checksum", "read_cache",
            "CACHE_FORMAT"]
 
-CACHE_FORMAT = 2            # bump when the file layout or what goes into the key changes
+CACHE_FORMAT = 3            # bump when the file layout or what goes into the key changes
+
+#: The complete file's first block: this text, the sha256 (hex) of every byte after the block,
+#: then zeros. HDF5 skips a user block of this size (a power of two, at least 512).
+USER_BLOCK = 512
+_SIGNATURE = b'minixcept feature cache; sha256 of the bytes after byte 512: '
 
 
 def _warn(message):
@@ -156,11 +167,30 @@ class _Damaged(ValueError):
     """A cache file opened but failed a check (wrong key, counts that disagree, checksum)."""
 
 
-#: What opening a damaged or truncated .npz / HDF5 file raises.
-_UNREADABLE = (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile)
+#: What opening a damaged or truncated .npz / HDF5 file raises (zipfile says NotImplementedError
+#: when a flipped bit in a member's header asks for a zip feature it lacks).
+_UNREADABLE = (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, NotImplementedError)
 
 
 # -- the complete file -------------------------------------------------------------------------
+
+def _sealed(image):
+    """The bytes of an HDF5 file written with a USER_BLOCK, its first block now holding the
+    signature and the sha256 of everything after it."""
+    header = _SIGNATURE + hashlib.sha256(image[USER_BLOCK:]).hexdigest().encode()
+    return header.ljust(USER_BLOCK, b'\0') + image[USER_BLOCK:]
+
+
+def _unsealed(data):
+    """The bytes of a cache file, checked against the checksum in its first block; _Damaged if not."""
+    header = data[:USER_BLOCK]
+    if not header.startswith(_SIGNATURE):
+        raise _Damaged('no checksum in its first block (written by another version of minixcept?)')
+    stored = header[len(_SIGNATURE):len(_SIGNATURE) + 64]
+    if hashlib.sha256(memoryview(data)[USER_BLOCK:]).hexdigest().encode() != stored:
+        raise _Damaged('its bytes do not match the checksum in its first block')
+    return data
+
 
 def read_cache(cache_file, key, folder, log=_warn):
     """The Features stored in ``cache_file`` if it is complete, made for ``key`` and passes
@@ -170,7 +200,8 @@ def read_cache(cache_file, key, folder, log=_warn):
     if not cache_file.exists():
         return None
     try:
-        with h5py.File(cache_file, 'r') as f:
+        data = _unsealed(cache_file.read_bytes())
+        with h5py.File(io.BytesIO(data), 'r') as f:
             if int(f.attrs.get('complete', 0)) != 1 or int(f.attrs.get('format', -1)) != CACHE_FORMAT:
                 log(f'{cache_file}: incomplete or from another version of minixcept: rebuilding it')
                 return None
@@ -187,36 +218,45 @@ def read_cache(cache_file, key, folder, log=_warn):
                 raise _Damaged('its row counts disagree')
             if _features_digest(features) != f.attrs['features_sha256']:
                 raise _Damaged('its features do not match their checksum')
+            class_names = json.loads(f.attrs['class_names'])
+            if labels.dtype.kind not in 'iu' or np.any(labels < 0) or np.any(labels >= len(class_names)):
+                raise _Damaged(f'its labels are not all classes 0..{len(class_names) - 1}')
             root = folder.root
             return Features(features=features, labels=labels, files=[root / p for p in files],
-                            class_names=json.loads(f.attrs['class_names']),
+                            class_names=class_names,
                             skipped=[(str(root / p), reason) for p, reason in zip(skipped_files, skipped_reasons)],
                             cache='hit')
+    except _Damaged as error:
+        log(f'{cache_file}: unreadable or damaged ({error}): rebuilding it')
+        return None
     except _UNREADABLE as error:
         log(f'{cache_file}: unreadable ({error}): rebuilding it')
         return None
 
 
 def _write_cache(cache_file, key, features, image_size, root):
-    """Store ``features`` atomically, photo paths relative to the split's ``root``."""
+    """Store ``features`` atomically, photo paths relative to the split's ``root``.
+
+    The HDF5 file is made in memory and sealed with its checksum (``_sealed``); only then is
+    it written, by plain file writes: a full disk is an OSError from one ``write``, never a
+    failure inside the HDF5 library with the file half open."""
     relative = lambda paths: [Path(p).relative_to(root).as_posix() for p in paths]  # noqa: E731
-
-    def write(tmp):
-        strings = h5py.string_dtype()
-        with h5py.File(tmp, 'w') as f:
-            f.attrs['format'] = CACHE_FORMAT
-            f.attrs['key'] = key
-            f.attrs['image_size'] = int(image_size)
-            f.attrs['class_names'] = json.dumps(features.class_names)
-            f.attrs['features_sha256'] = _features_digest(features.features)
-            f.create_dataset('features', data=features.features)
-            f.create_dataset('labels', data=features.labels)
-            f.create_dataset('files', data=relative(features.files), dtype=strings)
-            f.create_dataset('skipped_files', data=relative(p for p, _ in features.skipped), dtype=strings)
-            f.create_dataset('skipped_reasons', data=[r for _, r in features.skipped], dtype=strings)
-            f.attrs['complete'] = 1                     # last: a file without it is never trusted
-
-    write_atomically(cache_file, write)
+    strings = h5py.string_dtype()
+    buffer = io.BytesIO()
+    with h5py.File(buffer, 'w', userblock_size=USER_BLOCK) as f:
+        f.attrs['format'] = CACHE_FORMAT
+        f.attrs['key'] = key
+        f.attrs['image_size'] = int(image_size)
+        f.attrs['class_names'] = json.dumps(features.class_names)
+        f.attrs['features_sha256'] = _features_digest(features.features)
+        f.create_dataset('features', data=features.features)
+        f.create_dataset('labels', data=features.labels)
+        f.create_dataset('files', data=relative(features.files), dtype=strings)
+        f.create_dataset('skipped_files', data=relative(p for p, _ in features.skipped), dtype=strings)
+        f.create_dataset('skipped_reasons', data=[r for _, r in features.skipped], dtype=strings)
+        f.attrs['complete'] = 1                     # last: a file without it is never trusted
+    image = _sealed(buffer.getvalue())
+    write_atomically(cache_file, lambda tmp: Path(tmp).write_bytes(image))
 
 
 # -- one split's cache: lock, batches, completion ----------------------------------------------
