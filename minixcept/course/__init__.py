@@ -21,8 +21,9 @@ from .head import check_binary_crossentropy
 from .normalization import check_batch_norm_backward
 from .padding import check_same_padding
 from .pooling import check_max_pool_backward
+from .weights import check_read_layer_weights
 
 __all__ = ['Verdict', 'check_depthwise_backward', 'check_depthwise_forward', 'check_max_pool_backward',
            'check_same_padding', 'check_fan_out_backward', 'check_middle_block_parameters',
            'check_binary_crossentropy',
-           'check_batch_norm_backward']
+           'check_batch_norm_backward', 'check_read_layer_weights']
