@@ -10,6 +10,7 @@ pre-activation across a ReLU's kink, and then the two backward passes legitimate
 (tests/test_xception_tf.py meets the same thing against TensorFlow).
 """
 import copy
+import dataclasses
 
 import numpy as np
 import pytest
@@ -80,7 +81,7 @@ def test_separable_matches_plain(tiles, rng, side, kernel_size, padding, use_bia
 
 def test_separable_with_stride_is_left_to_the_layer(rng):
     layer = built(L.SeparableConv2D(4, 3, strides=2, padding='same'), (1, 8, 8, 3), rng)
-    assert fastgrad.fast_separable_forward(layer, np.zeros((1, 8, 8, 3), np.float32), False) is None
+    assert fastgrad.fast_pass_for(layer, training=False, rank=4) is None
 
 
 @pytest.mark.parametrize('side', [9, 10])
@@ -134,8 +135,9 @@ def test_batch_norm_folded_into_the_convolution_matches_plain(tiles, rng, convol
     dy = rng.standard_normal(expected_y.shape).astype(np.float32)
     du, expected_bn_grads = bn.backward_step(dy, bn_cache)
     expected_dx, expected_conv_grads = conv.backward_step(du, conv_cache)
-    forward, backward = fastgrad.FAST_LAYERS[type(conv)][0]
-    y, cache = forward(conv, x, False, bn=fastgrad.FoldedBatchNorm(bn))
+    fast_pass = fastgrad.fast_pass_for(conv, training=False, rank=4)
+    forward, backward = fast_pass.forward, fast_pass.backward
+    y, cache = forward(conv, x, False, fastgrad.Fused(batch_norm=fastgrad.FoldedBatchNorm(bn)))
     dx, grads = backward(conv, dy, cache)
     assert relative_error(y, expected_y) <= TOLERANCE
     assert relative_error(dx, expected_dx) <= TOLERANCE
@@ -159,10 +161,10 @@ def test_xception_fusion_plan():
     assert model.layers[-2].name in relus
     fused, absorbed = fastgrad.plan_fusion(GraphPlan(model, training=False))
     assert absorbed == batch_norms | (relus - unfused_relus)
-    assert {args['bn'].layer.name for args in fused.values() if 'bn' in args} == batch_norms
-    assert sum(args.get('relu', False) for args in fused.values()) == len(relus - unfused_relus)
+    assert {f.batch_norm.layer.name for f in fused.values() if f.batch_norm is not None} == batch_norms
+    assert sum(f.leading_relu for f in fused.values()) == len(relus - unfused_relus)
     fused, absorbed = fastgrad.plan_fusion(GraphPlan(model, training=True))
-    assert absorbed == relus - unfused_relus and not any('bn' in args for args in fused.values())
+    assert absorbed == relus - unfused_relus and not any(f.batch_norm is not None for f in fused.values())
     for layer in model.layers:
         layer.trainable = False
     assert fastgrad.plan_fusion(GraphPlan(model, training=True))[1] == batch_norms | (relus - unfused_relus)
@@ -181,7 +183,7 @@ def test_relu_fused_into_separable_matches_plain(tiles, rng, kernel_size, paddin
     dy = rng.standard_normal(expected_y.shape).astype(np.float32)
     dr, expected_grads = conv.backward_step(dy, conv_cache)
     expected_dx, _ = relu.backward_step(dr, relu_cache)
-    y, cache = fastgrad.fast_separable_forward(conv, x, False, relu=True)
+    y, cache = fastgrad.fast_separable_forward(conv, x, False, fastgrad.Fused(leading_relu=True))
     dx, grads = fastgrad.fast_separable_backward(conv, dy, cache)
     assert relative_error(y, expected_y) <= TOLERANCE
     assert relative_error(dx, expected_dx) <= TOLERANCE
@@ -212,12 +214,12 @@ def test_relu_matches_plain(rng, shape):
     x = rng.standard_normal(shape).astype(np.float32)
     x.flat[::5] = 0                                       # the kink: gradient 0, as in Keras
     assert_pair_matches_plain(layer, fastgrad.fast_relu_forward, fastgrad.fast_relu_backward, x, rng)
-    assert fastgrad.fast_relu_forward(L.Activation('sigmoid'), x, False) is None
+    assert fastgrad.fast_pass_for(L.Activation('sigmoid'), training=False, rank=x.ndim) is None
 
 
 def test_batch_norm_on_batch_statistics_is_left_to_the_layer(rng):
     layer = built(L.BatchNormalization(), (3, 7, 6, 5), rng)
-    assert fastgrad.fast_batch_norm_forward(layer, np.ones((3, 7, 6, 5), np.float32), True) is None
+    assert fastgrad.fast_pass_for(layer, training=True, rank=4).forward is fastgrad.fast_batch_norm_train_forward
 
 
 # -- the engine -----------------------------------------------------------------------------------
@@ -313,17 +315,20 @@ def test_a_failing_share_does_not_leave_the_others_waiting(rng):
     x = rng.standard_normal((4, 6, 6, 3)).astype(np.float32)
     x[3, 0, 0, 0] = np.nan                                 # only the second share sees it
 
-    def fail_on_nan(layer, x, training):
+    conv_pass = fastgrad.fast_pass_for(model.layers[0], training=True, rank=4)
+
+    def fail_on_nan(layer, x, *arguments):
         if np.isnan(x).any():
             raise FloatingPointError('a NaN in the input')
-        return None
-    pairs = fastgrad.FAST_LAYERS[L.Conv2D]
-    fastgrad.FAST_LAYERS[L.Conv2D] = [(fail_on_nan, None)] + pairs
+        return conv_pass.forward(layer, x, *arguments)
+    passes = fastgrad.FAST_PASSES
+    fastgrad.FAST_PASSES = tuple(dataclasses.replace(p, forward=fail_on_nan) if p is conv_pass else p
+                                 for p in passes)
     try:
         with pytest.raises(FloatingPointError, match='NaN'):
             engine.forward(x, training=True)
     finally:
-        fastgrad.FAST_LAYERS[L.Conv2D] = pairs
+        fastgrad.FAST_PASSES = passes
     engine.forward(np.nan_to_num(x), training=True)       # and the engine still works
 
 

@@ -60,9 +60,9 @@ from ..layers import Add, Conv2D, DepthwiseConv2D, MaxPooling2D, PointwiseConv2D
 from ..layers.base import no_grad
 from ..padding import window_geometry
 from . import Engine, KeptPerModel
-from .kernels import (ONE_THREAD, BufferPool, along_width, bias_and_relu, depthwise_tile, engine_workers, extent,
+from .kernels import (ONE_THREAD, along_width, bias_and_relu, depthwise_tile, extent,
                       gather_rows, im2col_tile, max_pool_tile, plan_blocks, single_threaded_blas)
-from .plan import Fusion, GraphPlan, Kernels, is_relu, weights_versions
+from .plan import CONVOLUTIONS, Fusion, GraphPlan, Kernels, is_relu
 
 
 # -- steps: what the engine runs -----------------------------------------------------------------
@@ -96,7 +96,10 @@ class WindowedConvStep(Step):
                -> [BatchNormalization, folded] -> [ReLU, in place]
 
     Full convolutions go through im2col, separable ones through the depthwise multiply-adds;
-    either way the channels are mixed by one matrix product per block of rows.
+    either way the channels are mixed by one matrix product per block of rows. Equals
+    [``activation.relu_forward`` ->] ``conv.conv2d_forward`` | ``separable.separable_conv2d_forward``
+    | ``depthwise.depthwise_conv2d_forward`` [-> ``normalization.batch_norm_forward``]
+    [-> ``relu_forward``].
     """
 
     def __init__(self, conv, inputs, leading_relu=None, batch_norm=None, relu=None):
@@ -113,7 +116,7 @@ class WindowedConvStep(Step):
         if self.full_convolution:
             kernel, self.bias = folded(p['kernel'], p.get('bias'), batch_norm)
             self.matrix = kernel.reshape(-1, kernel.shape[-1])                # (kh*kw*C_in, C_out)
-        elif 'pointwise_kernel' in p:
+        elif isinstance(conv, SeparableConv2D):
             self.depthwise_kernel = p.get('depthwise_kernel')
             kernel, self.bias = folded(p['pointwise_kernel'], p.get('bias'), batch_norm)
             self.matrix = kernel.reshape(kernel.shape[2:])                    # (C_in, C_out)
@@ -174,7 +177,8 @@ class WindowedConvStep(Step):
 
 
 class PointwiseStep(Step):
-    """A lone PointwiseConv2D [+ folded BatchNormalization] [+ ReLU]: one matrix product."""
+    """A lone PointwiseConv2D [+ folded BatchNormalization] [+ ReLU]: one matrix product.
+    Equals ``pointwise.pointwise_conv2d_forward`` [-> ``batch_norm_forward``] [-> ``relu_forward``]."""
 
     def __init__(self, conv, inputs, leading_relu=None, batch_norm=None, relu=None):
         layers = [layer.name for layer in (leading_relu, conv, batch_norm, relu) if layer is not None]
@@ -195,6 +199,8 @@ class PointwiseStep(Step):
 
 
 class MaxPoolStep(Step):
+    """Max pooling tile by tile, each as two 1-D passes. Equals ``pooling.max_pool2d_forward``."""
+
     def __init__(self, layer, inputs):
         super().__init__([layer.name], inputs, layer.name)
         self.pool_size, self.strides, self.padding = layer.pool_size, layer.strides, layer.padding
@@ -224,7 +230,8 @@ class MaxPoolStep(Step):
 
 
 class ReluStep(Step):
-    """A ReLU that could not be fused; in place when its input is read by nothing else."""
+    """A ReLU that could not be fused; in place when its input is read by nothing else.
+    Equals ``activation.relu_forward``."""
 
     def __init__(self, layer, inputs, in_place):
         super().__init__([layer.name], inputs, layer.name)
@@ -240,7 +247,8 @@ class ReluStep(Step):
 
 
 class AddStep(Step):
-    """The residual add, written into the first input when nothing reads it afterwards."""
+    """The residual add, written into the first input when nothing reads it afterwards.
+    Equals ``merge.Add.forward``."""
 
     def __init__(self, layer, inputs, in_place):
         super().__init__([layer.name], inputs, layer.name)
@@ -290,7 +298,7 @@ def plan(model, keep=(), start_after=None, stop_after=None):
         layer = node.layer
         if layer.name in absorbed:
             continue
-        if isinstance(layer, (Conv2D, SeparableConv2D, DepthwiseConv2D, PointwiseConv2D)):
+        if isinstance(layer, CONVOLUTIONS):
             fusion = fused.get(layer.name) or Fusion(node)
             step_class = PointwiseStep if isinstance(layer, PointwiseConv2D) else WindowedConvStep
             step = step_class(layer, fusion.inputs, *(n.layer if n is not None else None for n in
@@ -338,17 +346,6 @@ class InferenceEngine(Engine):
     always run on the calling thread.
     """
 
-    def __init__(self, model, threads=None):
-        super().__init__(model)
-        self.workers = engine_workers(threads)
-        self.threads = self.workers.threads
-        self.buffers = [BufferPool() for _ in range(self.threads)]        # one pool per share
-        self._plans = {}                 # (keep, start_after, stop_after) -> (weights versions, plan)
-
-    @property
-    def layers(self):
-        return self.model.layers
-
     @property
     def steps(self):
         """The steps of the whole forward pass (see ``describe``)."""
@@ -357,12 +354,9 @@ class InferenceEngine(Engine):
     def _plan(self, keep, start_after, stop_after):
         """The plan for this stretch and capture, planned afresh (folding the weights as they are
         now) whenever the weights of a layer in the stretch changed since it was made."""
-        key = (frozenset(keep), start_after, stop_after)
-        versions = weights_versions(self.model, *self.model.stretch(start_after, stop_after))
-        kept = self._plans.get(key)
-        if kept is None or kept[0] != versions:
-            kept = self._plans[key] = versions, plan(self.model, key[0], start_after, stop_after)
-        return kept[1]
+        keep = frozenset(keep)
+        return self.kept_plan((keep, start_after, stop_after), start_after, stop_after,
+                              lambda: plan(self.model, keep, start_after, stop_after))
 
     def forward(self, x, training=False, capture=None, start_after=None, stop_after=None):
         """Like ``model.forward(x, training=False, capture, start_after, stop_after)``, faster.

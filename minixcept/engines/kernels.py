@@ -158,8 +158,7 @@ def depthwise_tile(x_tile, taps, strides, out, scratch):
 
 
 # einsum's multiply-add loop runs along the channels; from about this many channels it beats
-# the separate multiplies and adds (on this project's machines: 1.2-1.4x faster with 256 and
-# 728 channels, 1.3x slower with 128).
+# the separate multiplies and adds, and below it loses to them (benchmarks/RESULTS.md).
 EINSUM_MIN_CHANNELS = 256
 
 
@@ -229,7 +228,7 @@ def max_pool_tile_with_argmax(x_tile, pool_size, strides, out, argmax):
 
     x_tile: (n, rows_in, Wp, C); out: (n, rows, W_out, C); argmax: int8 like out. The running
     max is kept in place and the argmax updated by arithmetic, argmax += better * (k - argmax):
-    NumPy's masked writes (``np.where``, ``argmax[better] = k``) are some 50x slower than a
+    NumPy's masked writes (``np.where``, ``argmax[better] = k``) are far slower than a
     compare and a multiply, and this runs once per tile.
     """
     xp = get_array_module(x_tile)
@@ -302,23 +301,23 @@ class BufferPool:
 
 # -- memory for the share a thread runs -----------------------------------------------------------
 
-_running = threading.local()           # .buffers: the pool of the share the calling thread runs
+_lending = threading.local()           # .buffers: the pool new_array lends from on this thread (its share's)
 
 
 @contextlib.contextmanager
 def lending_from(buffers):
     """Within it, ``new_array`` on this thread takes from ``buffers`` (a ``BufferPool``)."""
-    previous, _running.buffers = getattr(_running, 'buffers', None), buffers
+    previous, _lending.buffers = getattr(_lending, 'buffers', None), buffers
     try:
         yield buffers
     finally:
-        _running.buffers = previous
+        _lending.buffers = previous
 
 
 def new_array(shape, dtype):
     """An uninitialised array for a large output or cache: from the buffer pool of the share
     that the calling thread runs (see ``GradientEngine``), else a fresh ``np.empty``."""
-    buffers = getattr(_running, 'buffers', None)
+    buffers = getattr(_lending, 'buffers', None)
     return np.empty(shape, dtype) if buffers is None else buffers.empty(shape, dtype)
 
 
@@ -328,7 +327,7 @@ def new_like(array):
 
 def done_with(*arrays):
     """Hand scratch arrays from ``new_array`` back to the running share's pool (if any)."""
-    buffers = getattr(_running, 'buffers', None)
+    buffers = getattr(_lending, 'buffers', None)
     if buffers is not None:
         for array in arrays:
             if array is not None:

@@ -34,12 +34,6 @@ def folds_in_this_mode(batch_norm, training):
     return not (training and batch_norm.trainable)
 
 
-def weights_versions(model, first, last):
-    """The ``weights_version`` of the layers at positions first..last: what a plan folded. An
-    engine keeps them with each plan and plans again when they differ, so a fold is never stale."""
-    return [node.layer.weights_version for node in model.nodes[first:last + 1]]
-
-
 @dataclass
 class Kernels:
     """What an engine's kernels can take into a convolution, each a test on the layer."""

@@ -9,12 +9,14 @@ checks the outputs, the input gradient and every weight's gradient against
 - **One thread per core, each on its share of the batch**, with the BLAS library held
   to one thread. The gradient of a batch is the sum of the gradients of its parts, so
   each thread runs forward and backward on its share with caches of its own, and the
-  weight gradients are added up at the end. (On two cores this alone is about 1.7x
-  faster than one thread driving a two-thread BLAS: the element-wise work no longer
-  leaves a core idle, and no matrix product waits for a core another process has
-  taken.) A batch-norm on batch statistics mixes the examples: there the shares add up
+  weight gradients are added up at the end (``GradientEngine.backward``: what one share
+  does, then how the shares are summed). On a few cores this beats one thread driving a
+  multi-threaded BLAS: the element-wise work no longer leaves a core idle, and no matrix
+  product waits for a core another process has taken (benchmarks/RESULTS.md has the
+  figures). A batch-norm on batch statistics mixes the examples: there the shares add up
   their sums (``ShareSums``: sum and squared deviations forward, sum(dy) and
-  sum(dy * x_hat) backward) and each goes on with the whole batch's numbers. Only
+  sum(dy * x_hat) backward) and each goes on with the whole batch's numbers; each share's
+  fast pass is told which share it runs (a ``Share``, passed to it as an argument). Only
   dropout in training, which draws its masks from one generator in sequence, makes the
   whole batch run as one share.
 - **Depthwise convolutions tile by tile** (stride 1, any padding), in the CPU cache, with
@@ -46,6 +48,13 @@ checks the outputs, the input gradient and every weight's gradient against
 Every other layer (and every layer on a GPU) runs its own pure pair, through the layer's
 ``forward_step`` / ``backward_step``.
 
+How it is laid out, for a reader who wants to change it: each fast pass is a pair
+``fast_*_forward`` / ``fast_*_backward`` that names, in its docstring, the textbook pair it
+must equal (tests/test_training_engine.py holds it to that). ``FAST_PASSES`` lists them with
+the cases each takes; ``plan_steps`` reads the shared graph plan and gives every node one
+step (``FastStep``, ``PlainStep``, ``AddStep`` or ``FusedAwayStep``), so "not my case" is
+said once, when planning, and the inference engine's planned steps work the same way.
+
 The engine offers what ``Model`` offers a training loop (``forward``, ``backward``,
 ``layers``, ``get_layer``), with the same arguments, so ``workflows.fit`` and fine-tuning run
 on either. ``engine_for(model)`` keeps one engine per model.
@@ -56,6 +65,7 @@ on either. ``engine_for(model)`` keeps one engine per model.
 """
 import contextlib
 import threading
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -64,19 +74,16 @@ from ..layers.base import grad_enabled
 from ..layers.pooling import max_pool2d_backward
 from ..padding import window, window_geometry
 from . import Engine, KeptPerModel
-from .kernels import (BufferPool, along_width, backward_pads, conv_kernel_gradient, conv_rows, depthwise_kernel_gradient,
-                      depthwise_rows, done_with, engine_workers, extent, gather_rows, lending_from,
+from .kernels import (along_width, backward_pads, conv_kernel_gradient, conv_rows, depthwise_kernel_gradient,
+                      depthwise_rows, done_with, extent, gather_rows, lending_from,
                       max_pool_tile_with_argmax, new_array, new_like, single_threaded_blas, tiles_of)
-from .plan import GraphPlan, Kernels, weights_versions
+from .plan import CONVOLUTIONS, GraphPlan, Kernels
 
 # Batch-norm's gamma gradient is summed over pieces of about this many bytes of x and dy.
 SUM_BYTES = 256 * 1024
 
 
 # -- sums over the shares of a batch ------------------------------------------------------------
-
-_running = threading.local()           # .share: (index, ShareSums) of the share this thread runs
-
 
 class ShareSums:
     """Sums over the shares of one batch, for a layer whose statistics span the whole batch
@@ -103,18 +110,40 @@ class ShareSums:
         self._barrier.abort()
 
 
-def share_sums(*partial):
-    """The totals over the running batch's shares of these partial sums (the partial sums
-    themselves outside an engine, or with one share)."""
-    share = getattr(_running, 'share', None)
-    return partial if share is None else share[1](share[0], *partial)
+@dataclass(frozen=True)
+class Share:
+    """The share of the batch a pass runs on, handed to it as an argument: its ``index``
+    (share 0 moves a batch-norm's moving statistics) and the ``ShareSums`` the shares of one
+    batch add their partial sums with (None: the share is the whole batch)."""
+    index: int = 0
+    sums: object = None
+
+    def totals(self, *partial):
+        """The totals of these partial sums over the batch's shares (themselves when alone)."""
+        return partial if self.sums is None else self.sums(self.index, *partial)
 
 
-# -- the fast layers ------------------------------------------------------------------------------
+WHOLE_BATCH = Share()          # a pass outside an engine, or a batch run as one share
+
+
+@dataclass(frozen=True)
+class Fused:
+    """What the plan fused into a convolution's fast pass: ``batch_norm``, the batch-norm after
+    it folded in (a ``FoldedBatchNorm``, or None); ``leading_relu``, the ReLU before it applied
+    as the depthwise step copies its input rows, and its mask to that step's input gradient."""
+    batch_norm: object = None
+    leading_relu: bool = False
+
+
+NOT_FUSED = Fused()
+
+
+# -- the fast passes ------------------------------------------------------------------------------
 #
-# Each is a pair: (y, cache) = forward(layer, x, training, ...), or None where the pair does not
-# take the case, and (dx, {layer name: its grads}) = backward(layer, dy, cache). FAST_LAYERS, at
-# the end, lists them by layer type.
+# Each is a pair: (y, cache) = forward(layer, x, training, fused, share), every forward called the
+# same way, and (dx, {layer name: its grads}) = backward(layer, dy, cache), equal to the textbook
+# pair its docstring names. Which cases each
+# takes is said by FAST_PASSES, at the end, and decided when the engine plans.
 
 class FoldedBatchNorm:
     """A batch-norm on its moving statistics, folded into the convolution before it.
@@ -168,9 +197,10 @@ def _parameter_gradients(layer, kernel, bias, g, dy, bn, *leading):
     return {layer.name: layer.named(*leading, dmatrix.reshape(kernel.shape), dbias), bn.layer.name: bn_grads}
 
 
-def fast_conv_forward(layer, x, training, bn=None):
-    """Conv2D [+ folded batch-norm] through ``conv_rows``; keeps only x, as the plain layer does."""
-    kernel = layer.params['kernel']
+def fast_conv_forward(layer, x, training, fused=NOT_FUSED, share=WHOLE_BATCH):
+    """Conv2D [+ folded batch-norm] through ``conv_rows``; keeps only x, as the plain layer does.
+    Equals ``layers.conv.conv2d_forward`` [then ``normalization.batch_norm_forward``]."""
+    kernel, bn = layer.params['kernel'], fused.batch_norm
     matrix, bias = _matrix_and_bias(kernel, layer.params.get('bias'), bn)
     (out_h, out_w), pads = window_geometry(x.shape[1:3], layer.kernel_size, layer.strides, layer.padding)
     y = conv_rows(x, matrix.reshape(kernel.shape), layer.strides, pads,
@@ -183,7 +213,8 @@ def fast_conv_forward(layer, x, training, bn=None):
 def fast_conv_backward(layer, dy, cache):
     """With stride 1, dx is the convolution of dy with the kernel turned 180 degrees and its
     channel axes swapped (the backward padding as for depthwise); with a larger stride each
-    offset's share of dy @ kernel.T is added back through its strided window (col2im)."""
+    offset's share of dy @ kernel.T is added back through its strided window (col2im).
+    Equals ``layers.conv.conv2d_backward`` [after ``normalization.batch_norm_backward``]."""
     x, pads, bn = cache
     kernel, bias = layer.params['kernel'], layer.params.get('bias')
     kh, kw, c_in, c_out = kernel.shape
@@ -206,13 +237,12 @@ def fast_conv_backward(layer, dy, cache):
     return dx, _parameter_gradients(layer, kernel, bias, g, dy, bn)
 
 
-def fast_separable_forward(layer, x, training, bn=None, relu=False):
+def fast_separable_forward(layer, x, training, fused=NOT_FUSED, share=WHOLE_BATCH):
     """[ReLU ->] SeparableConv2D [-> folded batch-norm] with stride 1: depthwise tile by tile
     into z (ReLU applied as the rows are copied in), then one matrix product. Keeps x (before
-    the ReLU) and z. None where it does not apply."""
-    if layer.strides != (1, 1):
-        return None
-    p = layer.params
+    the ReLU) and z. Stride 1 only (``FAST_PASSES``). Equals [``activation.relu_forward``
+    then] ``layers.separable.separable_conv2d_forward`` [then ``batch_norm_forward``]."""
+    p, bn, relu = layer.params, fused.batch_norm, fused.leading_relu
     n, _, _, c_in = x.shape
     (out_h, out_w), pads = window_geometry(x.shape[1:3], layer.kernel_size, (1, 1), layer.padding)
     z = depthwise_rows(x, p['depthwise_kernel'][:, :, :, 0], pads, new_array((n, out_h, out_w, c_in), x.dtype),
@@ -227,7 +257,8 @@ def fast_separable_forward(layer, x, training, bn=None, relu=False):
 
 def fast_separable_backward(layer, dy, cache):
     """The pointwise half as two matrix products, then the depthwise half tile by tile, the
-    ReLU's mask applied to dx while each tile is in cache."""
+    ReLU's mask applied to dx while each tile is in cache. Equals [``batch_norm_backward``
+    then] ``layers.separable.separable_conv2d_backward`` [then ``activation.relu_backward``]."""
     x, z, pads, bn, relu = cache
     p = layer.params
     kernel, bias = p['pointwise_kernel'], p.get('bias')
@@ -244,11 +275,9 @@ def fast_separable_backward(layer, dy, cache):
     return dx, _parameter_gradients(layer, kernel, bias, g, dy, bn, ddepthwise)
 
 
-def fast_batch_norm_forward(layer, x, training):
+def fast_batch_norm_forward(layer, x, training, fused=NOT_FUSED, share=WHOLE_BATCH):
     """BatchNormalization on its moving statistics, for (N, H, W, C) inputs: one multiply
-    and one add with per-channel rows. None where it does not apply (batch statistics)."""
-    if (training and layer.trainable) or x.ndim != 4:
-        return None
+    and one add with per-channel rows. Equals ``layers.normalization.batch_norm_forward``."""
     p = layer.params
     inv_std = 1.0 / np.sqrt(p['moving_variance'] + layer.epsilon)
     scale = p['gamma'] * inv_std
@@ -260,7 +289,8 @@ def fast_batch_norm_forward(layer, x, training):
 
 def fast_batch_norm_backward(layer, dy, cache):
     """dx = dy * gamma * inv_std, dbeta = sum(dy), dgamma = sum(dy * (x - mean)) * inv_std,
-    all three a piece of rows at a time, so that dy and x are read from memory once."""
+    all three a piece of rows at a time, so that dy and x are read from memory once.
+    Equals ``layers.normalization.batch_norm_backward`` on moving statistics."""
     x, inv_std, scale = cache
     n, h, width, channels = x.shape
     scale_row, mean_row = along_width(scale, width), along_width(layer.params['moving_mean'], width)
@@ -279,45 +309,44 @@ def fast_batch_norm_backward(layer, dy, cache):
     return dx, {layer.name: {'gamma': dgamma * inv_std, 'beta': dbeta}}
 
 
-def fast_batch_norm_train_forward(layer, x, training):
+def fast_batch_norm_train_forward(layer, x, training, fused=NOT_FUSED, share=WHOLE_BATCH):
     """BatchNormalization on batch statistics, for (N, H, W, C) inputs, with the batch shared
     out between threads: the mean and the (biased) variance are sums over the whole batch,
-    gathered from every share (``share_sums``), in two passes as the plain layer computes them.
-    The moving statistics move once, by the share with the first examples. None where it does
-    not apply (moving statistics: see ``fast_batch_norm_forward``)."""
-    if not (training and layer.trainable) or x.ndim != 4:
-        return None
+    gathered from every share (``share.totals``), in two passes as the plain layer computes
+    them. The moving statistics move once, by share 0. Equals
+    ``layers.normalization.batch_norm_train_forward`` and the layer's moving-statistics update."""
     p = layer.params
     width = x.shape[2]
-    total, count = share_sums(x.sum(axis=(0, 1, 2), dtype=x.dtype), x.size // x.shape[-1])
+    total, count = share.totals(x.sum(axis=(0, 1, 2), dtype=x.dtype), x.size // x.shape[-1])
     mean = total / count
     centred = np.subtract(x, along_width(mean, width), out=new_like(x))
-    (variance,) = share_sums(np.einsum('nijc,nijc->c', centred, centred))
+    (variance,) = share.totals(np.einsum('nijc,nijc->c', centred, centred))
     variance = variance / count
     done_with(centred)
     inv_std = 1.0 / np.sqrt(variance + layer.epsilon)
     scale = p['gamma'] * inv_std
     y = np.multiply(x, along_width(scale, width), out=new_like(x))
     y += along_width(p['beta'] - mean * scale, width)
-    share = getattr(_running, 'share', None)
-    if share is None or share[0] == 0:
+    if share.index == 0:
         p['moving_mean'] = p['moving_mean'] * layer.momentum + mean * (1 - layer.momentum)
         p['moving_variance'] = p['moving_variance'] * layer.momentum + variance * (1 - layer.momentum)
         layer.weights_changed()
-    return y, (x, mean, inv_std, count)
+    return y, (x, mean, inv_std, count, share)
 
 
 def fast_batch_norm_train_backward(layer, dy, cache):
     """dx = gamma * inv_std / m * (m * dy - dbeta - x_hat * dgamma), with dbeta = sum(dy) and
     dgamma = sum(dy * x_hat) over the whole batch (m values per channel), gathered from every
-    share. Each share reports its own part of dbeta and dgamma; the engine adds them up."""
-    x, mean, inv_std, count = cache
+    share (the forward pass's ``Share``, kept in the cache). Each share reports its own part
+    of dbeta and dgamma; the engine adds them up. Equals ``layers.normalization.batch_norm_backward``
+    on batch statistics."""
+    x, mean, inv_std, count, share = cache
     width = x.shape[2]
     x_hat = np.subtract(x, along_width(mean, width), out=new_like(x))
     x_hat *= along_width(inv_std, width)
     dbeta_part = dy.sum(axis=(0, 1, 2))
     dgamma_part = np.einsum('nijc,nijc->c', dy, x_hat)
-    dbeta, dgamma = share_sums(dbeta_part, dgamma_part)
+    dbeta, dgamma = share.totals(dbeta_part, dgamma_part)
     dx = np.multiply(dy, count, out=new_like(dy))
     dx -= along_width(dbeta, width)
     x_hat *= along_width(dgamma, width)
@@ -327,11 +356,11 @@ def fast_batch_norm_train_backward(layer, dy, cache):
     return dx, {layer.name: {'gamma': dgamma_part, 'beta': dbeta_part}}
 
 
-def fast_max_pool_forward(layer, x, training):
+def fast_max_pool_forward(layer, x, training, fused=NOT_FUSED, share=WHOLE_BATCH):
     """MaxPooling2D tile by tile: each tile of output rows gets its (-inf-)padded input rows,
     pooled in cache with the winning offsets (``kernels.max_pool_tile_with_argmax``: the plain
     layer's rule, ties to the first). Keeps the offsets (int8) for the whole output, as the
-    plain layer does."""
+    plain layer does. Equals ``layers.pooling.max_pool2d_forward``."""
     n, _, width, channels = x.shape
     (kh, _), (sh, _) = layer.pool_size, layer.strides
     (out_h, out_w), pads = window_geometry(x.shape[1:3], layer.pool_size, layer.strides, layer.padding)
@@ -352,7 +381,8 @@ def fast_max_pool_backward(layer, dy, cache):
     """Each tile of dy goes back through the plain layer's backward into the padded rows its
     windows covered, and the part of those rows inside the input is added into dx:
     neighbouring tiles share a halo row. (The padding, -inf, never wins a max, so nothing is
-    lost.) dx comes out contiguous, as the matrix products of the layer below want it."""
+    lost.) dx comes out contiguous, as the matrix products of the layer below want it.
+    Equals ``layers.pooling.max_pool2d_backward`` (which it runs on each tile)."""
     x_shape, argmax, pads = cache
     n, h, width, channels = x_shape
     (kh, _), (sh, _) = layer.pool_size, layer.strides
@@ -370,61 +400,67 @@ def fast_max_pool_backward(layer, dy, cache):
     return dx, {layer.name: {}}
 
 
-def fast_relu_forward(layer, x, training):
+def fast_relu_forward(layer, x, training, fused=NOT_FUSED, share=WHOLE_BATCH):
     """A ReLU not fused into a convolution: one pass (the zero repeated along W, see
-    ``kernels.along_width``); keeps its output, whose positive entries are where x was positive."""
-    if layer.activation != 'relu':
-        return None
+    ``kernels.along_width``); keeps its output, whose positive entries are where x was positive.
+    Equals ``layers.activation.relu_forward``."""
     y = np.maximum(x, np.zeros(x.shape[-2:] if x.ndim > 2 else x.shape[-1:], x.dtype), out=new_like(x))
     return y, y
 
 
 def fast_relu_backward(layer, dy, y):
+    """dy where the ReLU's output is positive, 0 elsewhere. Equals ``layers.activation.relu_backward``."""
     positive = np.greater(y, 0, out=new_array(y.shape, bool))
     dx = np.multiply(dy, positive, out=new_like(dy))
     done_with(positive)
     return dx, {layer.name: {}}
 
 
-# For each layer type, its fast (forward, backward) pairs; the first whose forward takes the
-# case (does not return None) runs.
-FAST_LAYERS = {
-    Activation: [(fast_relu_forward, fast_relu_backward)],
-    MaxPooling2D: [(fast_max_pool_forward, fast_max_pool_backward)],
-    Conv2D: [(fast_conv_forward, fast_conv_backward)],
-    SeparableConv2D: [(fast_separable_forward, fast_separable_backward)],
-    BatchNormalization: [(fast_batch_norm_forward, fast_batch_norm_backward),
-                         (fast_batch_norm_train_forward, fast_batch_norm_train_backward)],
-}
+@dataclass(frozen=True)
+class FastPass:
+    """A fast pair for one layer type, the cases it takes (``takes(layer, training, rank)``,
+    rank: that of the layer's input), and the textbook pair it must equal."""
+    layer_type: type
+    takes: object
+    forward: object
+    backward: object
+    equals: str
 
 
-def _passed_on(dy, _cache):
-    """The backward step of a layer fused into a convolution next to it (a batch-norm folded
-    into the one before it, a ReLU into the separable one after it): the convolution's own
-    backward step does its work."""
-    return dy, {}
+def _on_moving_statistics(layer, training, rank):
+    return rank == 4 and not (training and layer.trainable)
 
 
-def _layer_forward(layer, inputs, training, fused=None):
-    """(y, cache, backward function) for one layer on one share of the batch. fused: the
-    keyword arguments that fuse neighbouring layers into it (``plan_fusion``), or None."""
-    if isinstance(layer, Add):                  # two inputs, no parameters, no cache
-        a, b = inputs
-        y = (np.add(a, b, out=new_like(a)) if isinstance(a, np.ndarray) and a.shape == b.shape
-             else layer.forward(a, b))          # (which names the shapes when they differ)
-        return y, None, lambda dy, _: ((dy, dy), {layer.name: {}})
-    x, = inputs
-    for forward, backward in FAST_LAYERS.get(type(layer), []) if isinstance(x, np.ndarray) else []:
-        result = forward(layer, x, training, **(fused or {}))
-        if result is not None:
-            return result[0], result[1], lambda dy, cache, backward=backward: backward(layer, dy, cache)
-    y, cache = layer.forward_step(x, training)
+def _on_batch_statistics(layer, training, rank):
+    return rank == 4 and training and layer.trainable
 
-    def plain_backward(dy, cache):
-        dx, grads = layer.backward_step(dy, cache)
-        return dx, {layer.name: grads}
-    return y, cache, plain_backward
 
+FAST_PASSES = (
+    FastPass(Activation, lambda layer, training, rank: layer.activation == 'relu',
+             fast_relu_forward, fast_relu_backward, 'activation.relu_forward / relu_backward'),
+    FastPass(MaxPooling2D, lambda layer, training, rank: True,
+             fast_max_pool_forward, fast_max_pool_backward, 'pooling.max_pool2d_forward / _backward'),
+    FastPass(Conv2D, lambda layer, training, rank: True,
+             fast_conv_forward, fast_conv_backward, 'conv.conv2d_forward / _backward'),
+    FastPass(SeparableConv2D, lambda layer, training, rank: layer.strides == (1, 1),
+             fast_separable_forward, fast_separable_backward, 'separable.separable_conv2d_forward / _backward'),
+    FastPass(BatchNormalization, _on_moving_statistics, fast_batch_norm_forward, fast_batch_norm_backward,
+             'normalization.batch_norm_forward / batch_norm_backward'),
+    FastPass(BatchNormalization, _on_batch_statistics, fast_batch_norm_train_forward,
+             fast_batch_norm_train_backward, 'normalization.batch_norm_train_forward / batch_norm_backward'),
+)
+
+
+def fast_pass_for(layer, training, rank):
+    """The fast pass that takes this layer in this mode on inputs of this rank, or None: the
+    layer's own pair runs."""
+    for fast_pass in FAST_PASSES:
+        if type(layer) is fast_pass.layer_type and fast_pass.takes(layer, training, rank):
+            return fast_pass
+    return None
+
+
+# -- fusions: what a convolution's fast pass takes in ---------------------------------------------
 
 def _stride_one_separable(layer):
     return isinstance(layer, SeparableConv2D) and layer.strides == (1, 1)
@@ -439,30 +475,122 @@ KERNELS = Kernels(leading_relu=_stride_one_separable,
 
 def plan_fusion(graph):
     """Which layers fuse into a convolution next to them (the shared rules of
-    ``minixcept.engines.plan``, with this engine's ``KERNELS``), for a ``GraphPlan``.
-
-    Returns ({convolution name: keyword arguments for its fast forward}, {names of the layers
-    fused away}): ``bn``, a ``FoldedBatchNorm``; ``relu=True``, a ReLU applied as the
-    depthwise step copies its input rows, and its mask applied to that step's input gradient.
-    (Fusion keeps the mathematics: the tests compare fused pairs with the plain layers.)
-    """
+    ``minixcept.engines.plan``, with this engine's ``KERNELS``), for a ``GraphPlan``: returns
+    ({convolution name: Fused}, {names of the layers fused away}). (Fusion keeps the
+    mathematics: the tests compare fused pairs with the plain layers.)"""
     fusions, absorbed = graph.fusions(KERNELS)
-    fused = {}
-    for name, fusion in fusions.items():
-        arguments = fused[name] = {}
-        if fusion.batch_norm is not None:
-            arguments['bn'] = FoldedBatchNorm(fusion.batch_norm.layer)
-        if fusion.leading_relu is not None:
-            arguments['relu'] = True
+    fused = {name: Fused(batch_norm=FoldedBatchNorm(fusion.batch_norm.layer) if fusion.batch_norm else None,
+                         leading_relu=fusion.leading_relu is not None)
+             for name, fusion in fusions.items()}
     return fused, absorbed
 
 
+# -- steps: one per node of the plan --------------------------------------------------------------
+#
+# forward(inputs, training, share) -> (y, cache); backward(dy, cache) -> (gradients of the
+# inputs, {layer name: its grads}). The plan gives each node the step that runs it.
+
+class TrainingStep:
+    def __init__(self, node):
+        self.node, self.layer = node, node.layer
+
+
+class FastStep(TrainingStep):
+    """A layer through its fast pass, with what the plan fused into it."""
+
+    def __init__(self, node, fast_pass, fused=NOT_FUSED):
+        super().__init__(node)
+        self.fast_pass, self.fused = fast_pass, fused
+
+    def forward(self, inputs, training, share):
+        x, = inputs
+        return self.fast_pass.forward(self.layer, x, training, self.fused, share)
+
+    def backward(self, dy, cache):
+        return self.fast_pass.backward(self.layer, dy, cache)
+
+
+class PlainStep(TrainingStep):
+    """A layer through its own pair (``forward_step`` / ``backward_step``)."""
+
+    def forward(self, inputs, training, share):
+        x, = inputs
+        return self.layer.forward_step(x, training)
+
+    def backward(self, dy, cache):
+        dx, grads = self.layer.backward_step(dy, cache)
+        return dx, {self.layer.name: grads}
+
+
+class AddStep(TrainingStep):
+    """The residual add: two inputs, no parameters, no cache; backward passes dy to both."""
+
+    def forward(self, inputs, training, share):
+        a, b = inputs
+        y = (np.add(a, b, out=new_like(a)) if isinstance(a, np.ndarray) and a.shape == b.shape
+             else self.layer.forward(a, b))     # (which names the shapes when they differ)
+        return y, None
+
+    def backward(self, dy, cache):
+        return (dy, dy), {self.layer.name: {}}
+
+
+class FusedAwayStep(TrainingStep):
+    """A layer fused into a convolution next to it (a batch-norm folded into the one before it,
+    a ReLU into the separable one after it): the convolution's pass does its work, forward and
+    backward, so this step passes its input on and its gradient back."""
+
+    def forward(self, inputs, training, share):
+        return inputs[0], None
+
+    def backward(self, dy, cache):
+        return dy, {}
+
+
+@dataclass
+class TrainingPlan:
+    """The graph plan of a stretch and mode, a step for each of its nodes, and the fusions."""
+    graph: GraphPlan
+    steps: list
+    fused: dict
+    absorbed: set
+
+    @property
+    def hidden(self):
+        """Tensors the engine never stores: a convolution's output with its batch-norm folded
+        in, and the output of every layer fused away but a folded batch-norm (whose output is
+        the convolution's)."""
+        return ({name for name, fused in self.fused.items() if fused.batch_norm is not None}
+                | {step.layer.name for step in self.steps
+                   if isinstance(step, FusedAwayStep) and not isinstance(step.layer, BatchNormalization)})
+
+
+def plan_steps(model, graph, fast=True):
+    """A ``TrainingPlan``: for every node of ``graph``, the step that runs it. With ``fast``
+    (NumPy arrays), fusions and fast passes where ``FAST_PASSES`` takes the case; without
+    (GPU arrays), every layer's own pair."""
+    fused, absorbed = plan_fusion(graph) if fast else ({}, set())
+    steps = []
+    for node in graph.nodes:
+        layer = node.layer
+        fast_pass = (fast_pass_for(layer, graph.training, len(model.output_shape(node.inputs[0])))
+                     if fast and isinstance(layer, (Activation, MaxPooling2D, BatchNormalization) + CONVOLUTIONS)
+                     else None)
+        if layer.name in absorbed:
+            steps.append(FusedAwayStep(node))
+        elif isinstance(layer, Add):
+            steps.append(AddStep(node))
+        elif fast_pass is not None:
+            steps.append(FastStep(node, fast_pass, fused.get(layer.name, NOT_FUSED)))
+        else:
+            steps.append(PlainStep(node))
+    return TrainingPlan(graph, steps, fused, absorbed)
 
 
 # -- the engine -----------------------------------------------------------------------------------
 
 class GradientEngine(Engine):
-    """A model's forward and backward pass for training, faster on the CPU (see the module
+    """A model's forward and backward pass for training, rearranged for the CPU (see the module
     docstring). Same results as ``model.forward`` / ``model.backward`` up to float32
     rounding: the output, the input gradient, and each layer's ``grads``. It runs on the
     model's own layers and weights: an optimizer step, ``set_weights`` or ``load_weights``
@@ -470,28 +598,17 @@ class GradientEngine(Engine):
     ``weights_version`` changed).
 
     threads: how many shares a batch is cut into, each run on its own thread while BLAS is
-    held to one thread (default: one per usable core when threadpoolctl is installed, else 1).
-    A batch with fewer examples than threads, a batch through active dropout in training,
-    and GPU arrays run as one share on the calling thread, with BLAS's own threads.
+    held to one thread (``Engine``). A batch with fewer examples than threads, a batch through
+    active dropout in training, and GPU arrays run as one share on the calling thread, with
+    BLAS's own threads.
     """
 
     def __init__(self, model, threads=None):
-        super().__init__(model)
-        self.workers = engine_workers(threads)
-        self.threads = self.workers.threads
-        # Share i's outputs, caches and gradients come from buffers[i], kept from pass to pass:
-        # fresh memory costs a page fault per page on first write, which on a virtual machine
-        # can take longer than the arithmetic on it.
-        self.buffers = [BufferPool() for _ in range(self.threads)]
-        self._shares = None                      # per share: (slice of the batch, its node records)
-        self._graph = self._fused = None         # the GraphPlan and fusions of the last forward pass
-        self._plans = {}                         # (training, start_after, stop_after) -> (versions, plan)
+        super().__init__(model, threads)
+        self._shares = None                      # per share: (slice of the batch, its step records)
+        self._last = None                        # the TrainingPlan of the last forward pass
 
     # -- what a runner offers (as Model) -------------------------------------------------------
-    @property
-    def layers(self):
-        return self.model.layers
-
     @property
     def name(self):
         return self.model.name
@@ -505,16 +622,12 @@ class GradientEngine(Engine):
     def count_params(self):
         return self.model.count_params()
 
-    def _plan(self, training, start_after, stop_after):
-        """(GraphPlan, fusions) for this stretch and mode, made afresh (the batch-norms folded
-        as they are now) whenever the weights of a layer in the stretch changed."""
-        key = (training, start_after, stop_after)
-        versions = weights_versions(self.model, *self.model.stretch(start_after, stop_after))
-        kept = self._plans.get(key)
-        if kept is None or kept[0] != versions:
+    def _plan(self, training, start_after, stop_after, fast=True):
+        """The TrainingPlan for this stretch and mode (``fast``: for NumPy arrays)."""
+        def make():
             graph = GraphPlan(self.model, training, start_after=start_after, stop_after=stop_after)
-            kept = self._plans[key] = versions, (graph, plan_fusion(graph))
-        return kept[1]
+            return plan_steps(self.model, graph, fast)
+        return self.kept_plan((training, start_after, stop_after, fast), start_after, stop_after, make)
 
     def needs_one_share(self, training, nodes=None):
         """Whether the batch must run as one share in this mode: a dropout layer draws its
@@ -542,24 +655,21 @@ class GradientEngine(Engine):
         return [slice(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
 
     def _each_share(self, function, count):
-        """Run function(share index) for every share, with that share's buffer pool: on the
-        calling thread when there is one share, else on the workers with BLAS held to one
-        thread. Returns the results in order."""
+        """Run function(share) for every share (a ``Share``: its index and the sums it adds its
+        partial sums with), with that share's buffer pool: on the calling thread when there is
+        one share, else on the workers with BLAS held to one thread. Returns the results in order."""
         results = [None] * count
         sums = ShareSums(count)
 
         def run(index, _slot=0):
-            _running.share = (index, sums)
             try:
                 with lending_from(self.buffers[index]):
-                    results[index] = function(index)
+                    results[index] = function(Share(index, sums if count > 1 else None))
             except threading.BrokenBarrierError:
                 pass                             # another share failed: its error is the one raised
             except BaseException:
                 sums.abort()                     # let the shares waiting for this one go
                 raise
-            finally:
-                _running.share = None
         if count == 1:
             run(0)
             return results
@@ -576,25 +686,18 @@ class GradientEngine(Engine):
     def forward(self, x, training=False, start_after=None, stop_after=None):
         """Like ``model.forward(x, training, start_after=..., stop_after=...)``; keeps what
         ``backward`` needs (nothing under ``no_grad()``)."""
-        model = self.model
-        model.check_input(x, start_after)
+        self.model.check_input(x, start_after)
         self._release()
-        graph, (fused, absorbed) = self._plan(training, start_after, stop_after)
-        if not isinstance(x, np.ndarray):
-            fused, absorbed = {}, set()
+        plan = self._plan(training, start_after, stop_after, fast=isinstance(x, np.ndarray))
+        graph = plan.graph
         slices = self._share_slices(x, training, graph.nodes)
 
-        def run(index):
-            tensors, records = {graph.start: x[slices[index]]}, []
-            for position, node in zip(graph.positions, graph.nodes):
-                layer = node.layer
-                inputs = [tensors[name] for name in node.inputs]
-                if layer.name in absorbed:           # a convolution next to it does its work
-                    y, cache, backward = inputs[0], None, _passed_on
-                else:
-                    y, cache, backward = _layer_forward(layer, inputs, training, fused.get(layer.name))
-                tensors[layer.name] = y
-                records.append((cache, backward))
+        def run(share):
+            tensors, records = {graph.start: x[slices[share.index]]}, []
+            for position, node, step in zip(graph.positions, graph.nodes, plan.steps):
+                y, cache = step.forward([tensors[name] for name in node.inputs], training, share)
+                tensors[node.layer.name] = y
+                records.append(cache)
                 for name in node.inputs:
                     if graph.last_use[name] == position:
                         del tensors[name]
@@ -604,7 +707,7 @@ class GradientEngine(Engine):
         outputs = [y for y, _ in results]
         y = outputs[0].copy() if len(outputs) == 1 else np.concatenate(outputs)   # not pool memory
         if grad_enabled():
-            self._graph, self._fused = graph, (fused, absorbed)
+            self._last = plan
             self._shares = [(share, records) for share, (_, records) in zip(slices, results)]
         else:
             self._release()
@@ -616,65 +719,74 @@ class GradientEngine(Engine):
         """Like ``model.backward(dy, stop_at)`` after this engine's ``forward``: returns the
         gradient of that forward's input (or of ``stop_at``'s input, complete where it fans
         out: see ``Model.backward``) and fills the ``grads`` of every layer it ran back
-        through (summed over the shares)."""
+        through. Each share goes back through its own records (``_share_backward``); then
+        the shares' weight gradients are summed into the layers (``_sum_into_layers``)."""
         if self._shares is None:
             raise RuntimeError(f"model {self.model.name!r}: the engine's backward needs its forward first "
                                f"(with gradients enabled)")
-        graph, shares = self._graph, self._shares
+        plan, shares = self._last, self._shares
+        graph = plan.graph
         stop_position, stop_tensor = self.model.backward_stop(stop_at, graph.first, graph.last)
-        fused, absorbed = self._fused
-        hidden = ({name for name, arguments in fused.items() if 'bn' in arguments}      # before a folded BN
-                  | {name for name in absorbed if not isinstance(self.model.get_layer(name), BatchNormalization)})
-        if stop_tensor in hidden:
+        if stop_tensor in plan.hidden:
             raise ValueError(f"model {self.model.name!r}: the engine fuses {stop_tensor!r} with its neighbour, "
                              f"so it cannot stop at {stop_at!r}; stop at a layer that reads an unfused tensor "
                              f"(e.g. the first layer of a block), or run the model's own backward")
         walked = range(len(graph.nodes) - 1, stop_position - graph.first - 1, -1)     # indices into graph.nodes
         wanted = stop_tensor or graph.start
-
-        def run(index):
-            share, records = shares[index]
-            pending, grads = {graph.output: dy[share]}, {}
-            buffers = self.buffers[index]
-
-            def spent(array):
-                """Back to the pool, unless a gradient still waiting is this array or a view of it
-                (an Add passes its dy on to both inputs; a linear activation passes it through)."""
-                if isinstance(array, np.ndarray) and not any(np.may_share_memory(array, g) for g in pending.values()):
-                    buffers.give_back(array)
-
-            for i in walked:
-                node, (cache, backward) = graph.nodes[i], records[i]
-                dy_node = pending.pop(node.layer.name)
-                input_grads, layer_grads = backward(dy_node, cache)
-                grads.update(layer_grads)
-                if len(node.inputs) == 1:
-                    input_grads = (input_grads,)
-                used = [dy_node]
-                for name, g in zip(node.inputs, input_grads):
-                    if name not in pending:
-                        pending[name] = g
-                    else:                                   # a tensor read twice: its gradients add
-                        earlier = pending.pop(name)
-                        pending[name] = (earlier + g if not isinstance(g, np.ndarray) else
-                                         np.add(earlier, g, out=new_array(np.broadcast_shapes(earlier.shape, g.shape),
-                                                                          np.result_type(earlier, g))))
-                        used += [earlier, g]
-                for array in used:                          # once every input has its gradient
-                    spent(array)
-            return pending[wanted].copy(), grads                      # not pool memory
-
-        results = self._each_share(run, len(shares))
+        results = self._each_share(
+            lambda share: self._share_backward(plan, walked, wanted, shares[share.index][1],
+                                               dy[shares[share.index][0]], self.buffers[share.index]),
+            len(shares))
         self._release()                            # the caches are spent
+        self._sum_into_layers([graph.nodes[i].layer for i in walked], [grads for _, grads in results])
+        dxs = [dx for dx, _ in results]
+        return dxs[0] if len(dxs) == 1 else np.concatenate(dxs)
+
+    @staticmethod
+    def _share_backward(plan, walked, wanted, records, dy, buffers):
+        """One share's backward pass, node by node from the output down: (the gradient of
+        tensor ``wanted``, {layer name: this share's grads}). Where a tensor was read twice,
+        its gradients add; a gradient goes back to the share's pool once its reader is done."""
+        graph = plan.graph
+        pending, grads = {graph.output: dy}, {}
+
+        def spent(array):
+            """Back to the pool, unless a gradient still waiting is this array or a view of it
+            (an Add passes its dy on to both inputs; a linear activation passes it through)."""
+            if isinstance(array, np.ndarray) and not any(np.may_share_memory(array, g) for g in pending.values()):
+                buffers.give_back(array)
+
         for i in walked:
-            layer = graph.nodes[i].layer
-            parts = [grads.get(layer.name, {}) for _, grads in results]     # a fused ReLU has none
-            for part in parts[1:]:                  # add the other shares' into the first's (fresh arrays)
+            node = graph.nodes[i]
+            dy_node = pending.pop(node.layer.name)
+            input_grads, layer_grads = plan.steps[i].backward(dy_node, records[i])
+            grads.update(layer_grads)
+            if len(node.inputs) == 1:
+                input_grads = (input_grads,)
+            used = [dy_node]
+            for name, g in zip(node.inputs, input_grads):
+                if name not in pending:
+                    pending[name] = g
+                else:                                   # a tensor read twice: its gradients add
+                    earlier = pending.pop(name)
+                    pending[name] = (earlier + g if not isinstance(g, np.ndarray) else
+                                     np.add(earlier, g, out=new_array(np.broadcast_shapes(earlier.shape, g.shape),
+                                                                      np.result_type(earlier, g))))
+                    used += [earlier, g]
+            for array in used:                          # once every input has its gradient
+                spent(array)
+        return pending[wanted].copy(), grads                      # not pool memory
+
+    @staticmethod
+    def _sum_into_layers(layers, grads_of_shares):
+        """Each layer's ``grads``: the sum over the shares of that share's grads (the gradient of
+        a batch is the sum of its parts'), added into the first share's arrays (fresh ones)."""
+        for layer in layers:
+            parts = [grads.get(layer.name, {}) for grads in grads_of_shares]     # a fused ReLU has none
+            for part in parts[1:]:
                 for name, gradient in part.items():
                     parts[0][name] += gradient
             layer.grads = parts[0]
-        dxs = [dx for dx, _ in results]
-        return dxs[0] if len(dxs) == 1 else np.concatenate(dxs)
 
 
 # The ``GradientEngine`` kept for ``model`` (made on first use, with its buffer pools, kept
