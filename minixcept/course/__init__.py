@@ -15,6 +15,7 @@ every check and is named as the model answer. The TensorFlow fixtures are those 
 tests (``tests/reference/``), so the grader works from a clone of the repository.
 """
 from .depthwise import check_depthwise_backward, check_depthwise_forward
+from .explain import check_grad_cam
 from .grader import Verdict
 from .graph import check_fan_out_backward, check_middle_block_parameters
 from .head import check_binary_crossentropy
@@ -25,5 +26,5 @@ from .weights import check_read_layer_weights
 
 __all__ = ['Verdict', 'check_depthwise_backward', 'check_depthwise_forward', 'check_max_pool_backward',
            'check_same_padding', 'check_fan_out_backward', 'check_middle_block_parameters',
-           'check_binary_crossentropy',
+           'check_binary_crossentropy', 'check_grad_cam',
            'check_batch_norm_backward', 'check_read_layer_weights']
