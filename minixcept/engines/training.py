@@ -74,7 +74,7 @@ from ..layers.base import grad_enabled
 from ..layers.pooling import max_pool2d_backward
 from ..padding import window, window_geometry
 from . import Engine, KeptPerModel
-from .kernels import (along_width, backward_pads, conv_kernel_gradient, conv_rows, depthwise_kernel_gradient,
+from .kernels import (along_width, blas_for_product, backward_pads, conv_kernel_gradient, conv_rows, depthwise_kernel_gradient,
                       depthwise_rows, done_with, extent, gather_rows, lending_from,
                       max_pool_tile_with_argmax, new_array, new_like, single_threaded_blas, tiles_of)
 from .plan import CONVOLUTIONS, GraphPlan, Kernels
@@ -607,6 +607,7 @@ class GradientEngine(Engine):
         super().__init__(model, threads)
         self._shares = None                      # per share: (slice of the batch, its step records)
         self._last = None                        # the TrainingPlan of the last forward pass
+        self._largest_product = None             # multiply-adds of its largest layer over the batch
 
     # -- what a runner offers (as Model) -------------------------------------------------------
     @property
@@ -654,10 +655,22 @@ class GradientEngine(Engine):
         bounds = np.linspace(0, len(x), self.threads + 1).round().astype(int)
         return [slice(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
 
+    def largest_product(self, x, plan):
+        """Multiply-adds of the costliest layer of the plan over batch ``x`` (None when unknown):
+        how much work one matrix product has, which decides BLAS's threads for a single share."""
+        try:
+            free = [axis for axis, size in enumerate(self.model.input_shape) if size is None]
+            shapes = self.model.shapes_at([x.shape[1 + axis] for axis in free] or None)
+            return len(x) * max((node.layer.multiply_adds(shapes[node.inputs[0]]) for node in plan.graph.nodes),
+                                default=0)
+        except (ValueError, KeyError, TypeError):
+            return None
+
     def _each_share(self, function, count):
         """Run function(share) for every share (a ``Share``: its index and the sums it adds its
         partial sums with), with that share's buffer pool: on the calling thread when there is
-        one share, else on the workers with BLAS held to one thread. Returns the results in order."""
+        one share (BLAS on one thread for a small product, ``kernels.blas_for_product``), else
+        on the workers with BLAS held to one thread. Returns the results in order."""
         results = [None] * count
         sums = ShareSums(count)
 
@@ -671,7 +684,8 @@ class GradientEngine(Engine):
                 sums.abort()                     # let the shares waiting for this one go
                 raise
         if count == 1:
-            run(0)
+            with blas_for_product(self._largest_product):
+                run(0)
             return results
         with single_threaded_blas() or contextlib.nullcontext():
             self.workers.each(run, list(range(count)))
@@ -691,6 +705,7 @@ class GradientEngine(Engine):
         plan = self._plan(training, start_after, stop_after, fast=isinstance(x, np.ndarray))
         graph = plan.graph
         slices = self._share_slices(x, training, graph.nodes)
+        self._largest_product = self.largest_product(x, plan) if len(slices) == 1 else None
 
         def run(share):
             tensors, records = {graph.start: x[slices[share.index]]}, []
