@@ -28,12 +28,14 @@ class Optimizer:
         its parameter's shape (checked first, so a mismatch changes nothing)."""
         who = type(self).__name__
         layers = list(layers) if isinstance(layers, (list, tuple)) or hasattr(layers, '__next__') else layers
-        if not isinstance(layers, list) or not all(hasattr(layer, 'grads') and hasattr(layer, 'params') for layer in layers):
-            raise TypeError(f"{who}: apply_gradients takes a list of layers (model.layers), got {type(layers).__name__}")
+        if not isinstance(layers, list) or not all(hasattr(one, 'grads') and hasattr(one, 'params') for one in layers):
+            raise TypeError(f"{who}: apply_gradients takes a list of layers (model.layers), "
+                            f"got {type(layers).__name__}")
         for layer in layers:
             for name, grad in (layer.grads.items() if layer.trainable else ()):
-                checks.array(grad, f"the gradient of {name!r}", f"{who}, layer {layer.name!r}")
-                checks.shape(grad, layer.params[name].shape, f"the gradient of {name!r}", f"{who}, layer {layer.name!r}")
+                where = f"{who}, layer {layer.name!r}"
+                checks.array(grad, f"the gradient of {name!r}", where)
+                checks.shape(grad, layer.params[name].shape, f"the gradient of {name!r}", where)
         self.iterations += 1
         for layer in layers:
             if not layer.trainable or not layer.grads:

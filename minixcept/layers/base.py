@@ -101,7 +101,8 @@ class Layer:
                 f"layer {self.name!r} expects {len(self.weight_names)} weights "
                 f"{list(self.weight_names)}, got {len(weights)}")
         who = f"layer {self.name!r}"
-        arrays = [checks.numbers_array(value, f"weight {name!r}", who) for name, value in zip(self.weight_names, weights)]
+        arrays = [checks.numbers_array(value, f"weight {name!r}", who)
+                  for name, value in zip(self.weight_names, weights)]
         for name, value in zip(self.weight_names, arrays):
             checks.shape(value, self.params[name].shape, f"weight {name!r}", who)
         for name, value in zip(self.weight_names, arrays):
