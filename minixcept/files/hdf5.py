@@ -413,12 +413,25 @@ def keras3_models(path):
 # Writing the legacy layout
 # --------------------------------------------------------------------------
 
-def write_legacy(path, records, keras_version="minixcept"):
+def read_attribute(path, name):
+    """The text attribute ``name`` of an HDF5 file's root (written by ``write_legacy``'s
+    ``attributes``), or None when it has none. Raises WeightsError naming the file when
+    it cannot be opened."""
+    try:
+        with h5py.File(path, "r") as f:
+            return _text(f.attrs[name]) if name in f.attrs else None
+    except OSError as error:
+        raise WeightsError(f"{path}: not a readable HDF5 file ({str(error).splitlines()[0]})") from None
+
+
+def write_legacy(path, records, keras_version="minixcept", attributes=None):
     """Write the legacy layout, atomically (see minixcept.files.atomic).
 
     records: ``[(layer_name, [weight_name, ...], [array, ...]), ...]`` in model
     order, weightless layers too (empty lists), as Keras lists them in
-    ``layer_names``. Raises WeightsError, writing nothing, if names repeat.
+    ``layer_names``. attributes: ``{name: str}`` more attributes of the file's root,
+    which Keras ignores (what ties a saved head to its description). Raises
+    WeightsError, writing nothing, if names repeat.
     """
     names = [name for name, _, _ in records]
     duplicates = sorted({n for n in names if names.count(n) > 1})
@@ -427,20 +440,24 @@ def write_legacy(path, records, keras_version="minixcept"):
             f"{path}: cannot save, layer names repeat ({', '.join(duplicates)}); "
             "each layer needs its own HDF5 group")
 
-    def write(temporary):
-        with h5py.File(temporary, "w") as f:
-            _write_string_list_attr(f, "layer_names", names)
-            f.attrs["backend"] = b"tensorflow"
-            f.attrs["keras_version"] = keras_version.encode("utf8")
-            # Groups in sorted order, as Keras writes them (no name is then
-            # created after a group it is a prefix of).
-            for name, weight_names, arrays in sorted(records, key=lambda r: r[0]):
-                group = f.create_group(name)
-                _write_string_list_attr(group, "weight_names", weight_names)
-                for weight_name, array in zip(weight_names, arrays):
-                    group.create_dataset(weight_name, data=array)
-
-    write_atomically(path, write)
+    # Made in memory, then written as plain bytes: a full disk is then one OSError from
+    # write_atomically (a WriteError naming the file), never HDF5 failing half-way into a file.
+    buffer = io.BytesIO()
+    with h5py.File(buffer, "w") as f:
+        _write_string_list_attr(f, "layer_names", names)
+        f.attrs["backend"] = b"tensorflow"
+        f.attrs["keras_version"] = keras_version.encode("utf8")
+        for name, value in (attributes or {}).items():
+            f.attrs[name] = value
+        # Groups in sorted order, as Keras writes them (no name is then
+        # created after a group it is a prefix of).
+        for name, weight_names, arrays in sorted(records, key=lambda r: r[0]):
+            group = f.create_group(name)
+            _write_string_list_attr(group, "weight_names", weight_names)
+            for weight_name, array in zip(weight_names, arrays):
+                group.create_dataset(weight_name, data=array)
+    image = buffer.getbuffer()
+    write_atomically(path, lambda temporary: Path(temporary).write_bytes(image))
 
 
 # --------------------------------------------------------------------------

@@ -191,7 +191,7 @@ def _check_fit(entries, layers, current, path, model):
 # Saving: the legacy layout, every layer listed
 # --------------------------------------------------------------------------
 
-def save_weights(model_or_layers, path):
+def save_weights(model_or_layers, path, attributes=None):
     """Write a model's weights in the legacy Keras layout, atomically.
 
     ``model_or_layers``: anything with a ``.layers`` list (or a list of
@@ -203,6 +203,7 @@ def save_weights(model_or_layers, path):
     The file is written next to ``path`` under a temporary name and then
     renamed over it, so ``path`` is never left half-written. Both
     ``load_weights`` and Keras's own legacy loader read the result.
+    ``attributes``: ``{name: str}`` written beside ``layer_names`` (``write_legacy``).
     """
     path = os.fspath(path)
     records = []
@@ -210,7 +211,7 @@ def save_weights(model_or_layers, path):
         arrays = [backend.asnumpy(w) for w in layer.get_weights()]   # host arrays for h5py, whatever the layer holds
         names = _weight_names_for(layer, len(arrays))
         records.append((layer.name, [f"{layer.name}/{n}:0" for n in names], arrays))
-    write_legacy(path, records)
+    write_legacy(path, records, attributes=attributes)
 
 
 def _weight_names_for(layer, count):

@@ -7,6 +7,8 @@ import math
 
 from PIL import Image, ImageDraw, ImageFont
 
+from ..files.atomic import write_atomically
+
 TRAIN_COLOUR = (31, 119, 180)          # blue
 VALIDATION_COLOUR = (255, 127, 14)     # orange
 BEST_COLOUR = (120, 120, 120)
@@ -133,5 +135,4 @@ def plot_history(history, path, title=None, size=(1000, 420)):
         _panel(draw, box, name, count,
                [('train', TRAIN_COLOUR, train), ('validation', VALIDATION_COLOUR, validation)],
                best_epoch, y_range, fonts, legend_at)
-    image.save(path, format='PNG')
-    return path
+    return write_atomically(path, lambda temporary: image.save(temporary, format='PNG'))
