@@ -39,12 +39,12 @@ from minixcept.errors import WeightsError
 from minixcept.files.cache import cache_key
 from minixcept.files.images import DatasetLayoutError
 from minixcept.workflows.features import extract_features
-from minixcept.files.atomic import write_atomically
-from minixcept.files.paths import OutputPathError, check_output_paths
+from minixcept.files.atomic import WriteError
+from minixcept.files.paths import OutputPathError, check_output_paths, check_path_relations
 from minixcept.workflows import cli
 from minixcept.workflows.catdog import (DEFAULT_DATA, DEFAULT_OUT, DROPOUT_RATE, HIDDEN_UNITS, RANDOM_WEIGHTS,
                                         build_base, build_head, get_weights, head_loss,
-                                        load_photos, require_every_class, weights_id_of)
+                                        load_photos, require_every_class, save_head_files, weights_id_of)
 from minixcept.workflows.plot import plot_history
 from minixcept.workflows.fit import evaluate, fit
 
@@ -133,14 +133,13 @@ def evaluate_head(head, features):
 # -- 5. report -----------------------------------------------------------------------------------
 
 def save_head(head, class_names, image_size, weights_id, out_dir):
-    """head.h5 (legacy Keras HDF5) and head.json (class names, input size, how to rebuild it)."""
-    from minixcept.files.weights import save_weights
-    write_atomically(out_dir / 'head.h5', lambda tmp: save_weights(head, tmp))
+    """head.h5 (legacy Keras HDF5) and head.json (class names, input size, how to rebuild it),
+    tied to each other by the run that wrote them (save_head_files)."""
     description = {'class_names': list(class_names), 'image_size': image_size,
                    'feature_dim': head.input_shape[0], 'hidden_units': HIDDEN_UNITS,
                    'dropout': DROPOUT_RATE, 'base': "Xception(include_top=False, pooling='avg')",
                    'base_weights': weights_id}
-    cli.write_json(out_dir / 'head.json', description)
+    save_head_files(head, description, out_dir / 'head.h5')
     return out_dir / 'head.h5'
 
 
@@ -188,10 +187,17 @@ def write_report(args, features, history, scores, train_seconds, weights_id, hea
 
 
 def check_run(args):
-    """Before any work: the backend and every path the run will write."""
+    """Before any work: the backend, every path the run will write, and those paths against each
+    other and against what the run reads."""
     cli.use_backend(args.backend)
     check_output_paths(folders={'--out folder': args.out, '--cache folder': args.cache},
                        files={'--report file': args.report})
+    check_path_relations(
+        outputs={'--report file': args.report, 'head': args.out / 'head.h5',
+                 'head description': args.out / 'head.json', 'training curves': args.out / 'curves.png'},
+        exclusive={'--cache folder': args.cache},
+        photo_folders={'--data folder': args.data} if args.data is not None else {},
+        inputs={'--weights file': args.weights} if args.weights not in (None, RANDOM_WEIGHTS) else {})
 
 
 def main(argv=None):
@@ -221,7 +227,7 @@ def main(argv=None):
     except DatasetLayoutError as error:
         print(f'error: {error}', file=sys.stderr)
         return 2
-    except (WeightsError, BackendError, minixcept.ShapeError, OutputPathError, cli.RunError) as error:
+    except (WeightsError, BackendError, minixcept.ShapeError, OutputPathError, cli.RunError, WriteError) as error:
         print(f'error: {error}', file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -34,10 +34,11 @@ from PIL import Image, ImageDraw
 import minixcept
 from minixcept.backend import BackendError
 from minixcept.errors import WeightsError
+from minixcept.files.atomic import WriteError, write_atomically
 from minixcept.files.images import ImageDecodeError, load_image
-from minixcept.files.paths import OutputPathError, check_output_paths
+from minixcept.files.paths import OutputPathError, check_output_paths, check_path_relations
 from minixcept.workflows import cli, explain
-from minixcept.workflows.catdog import DEFAULT_OUT, build_base, check_base, get_weights, load_head
+from minixcept.workflows.catdog import DEFAULT_OUT, RANDOM_WEIGHTS, build_base, check_base, get_weights, load_head
 
 CAPTION_HEIGHT = 22          # pixels of text above the three panels
 HEAT_OPACITY = 0.55          # of the heat map over the photo where the map is at its peak
@@ -116,6 +117,11 @@ def main(argv=None):
     try:
         minixcept.use(args.backend)
         check_output_paths(folders={'--out folder': args.out})
+        check_path_relations(   # one picture per photo, named after it: no two the same, none over an input
+            outputs={f'picture of {photo}': args.out / f'{photo.stem}.png' for photo in args.photos},
+            inputs={**{f'photo {photo}': photo for photo in args.photos}, '--head file': args.head,
+                    'head description': args.head.with_suffix('.json'),
+                    **({'--weights file': args.weights} if args.weights not in (None, RANDOM_WEIGHTS) else {})})
         head, description = load_head(args.head)
         size = description['image_size']
         weights = get_weights(args.weights)
@@ -163,7 +169,12 @@ def main(argv=None):
                    f'SmoothGrad, {args.samples} samples')
         out_file = args.out / f'{path.stem}.png'
         sheet = picture(photo, cam, explain.saliency_image(gradient)[0], caption, args.panel or size)
-        (sheet.quantize(256) if args.palette else sheet).save(out_file, optimize=True)
+        try:
+            write_atomically(out_file, lambda temporary: (sheet.quantize(256) if args.palette else sheet).save(
+                temporary, format='PNG', optimize=True))
+        except WriteError as error:           # a full disk will not be emptier for the next photo
+            print(f'error: {error}', file=sys.stderr)
+            return 1
         print(f'{path}\t{class_name}\t{probability:.4f}\t{out_file}\t'
               f'Grad-CAM {cam_seconds:.1f} s, saliency {saliency_seconds:.1f} s  ({number}/{len(args.photos)})')
     return 1 if failed else 0

@@ -65,13 +65,14 @@ from minixcept.errors import WeightsError
 from minixcept.workflows.finetune import FineTuneModel, FrozenFeatureFeed, cache_frozen_features
 from minixcept.files.images import DatasetLayoutError
 from minixcept.xception import preprocess_input
-from minixcept.files.atomic import write_atomically
-from minixcept.files.paths import OutputPathError, check_output_paths
+from minixcept.files.atomic import WriteError, write_atomically
+from minixcept.files.paths import OutputPathError, check_output_paths, check_path_relations
 from minixcept.workflows import cli
 from minixcept.workflows.catdog import DEFAULT_DATA, DEFAULT_OUT as BOTTLENECK_OUT
 from minixcept.workflows.catdog import FINETUNE_AUGMENTATION as AUGMENTATION
-from minixcept.workflows.catdog import (build_base, check_base, get_weights, head_loss, load_head,
-                                        load_photos, load_pixels, make_optimizer)
+from minixcept.workflows.catdog import (RANDOM_WEIGHTS, build_base, check_base, check_classes, get_weights,
+                                        head_loss, load_head, load_photos, load_pixels, make_optimizer,
+                                        save_head_files)
 from minixcept.files.cache import weights_checksum
 from minixcept.workflows.plot import plot_history
 from minixcept.workflows.fit import evaluate, fit, predicted_classes
@@ -171,15 +172,14 @@ def fine_tune(network, x_train, y_train, x_val, y_val, args, loss):
 # -- 6. save, 7. check -----------------------------------------------------------------------------
 
 def save_finetuned(network, description, out_dir):
-    """xception_finetuned.h5 (the whole base) and head_finetuned.h5 + head_finetuned.json."""
+    """xception_finetuned.h5 (the whole base) and head_finetuned.h5 + head_finetuned.json (tied
+    to each other as the bottleneck example ties its head, save_head_files)."""
     base_file, head_file = out_dir / 'xception_finetuned.h5', out_dir / 'head_finetuned.h5'
-    for model, path in ((network.base, base_file), (network.head, head_file)):
-        write_atomically(path, model.save_weights)
+    write_atomically(base_file, network.base.save_weights)
     with tempfile.TemporaryDirectory() as scratch:              # the digest predict checks the base against
         base_id = 'sha256:' + weights_checksum(base_file, scratch)
-    cli.write_json(head_file.with_suffix('.json'),
-                   dict(description, base_weights=base_id, base_file=str(base_file),
-                        fine_tuned_from=network.train_from))
+    save_head_files(network.head, dict(description, base_weights=base_id, base_file=str(base_file),
+                                       fine_tuned_from=network.train_from), head_file)
     log(f'saved {base_file} and {head_file}')
     return base_file, head_file
 
@@ -266,11 +266,21 @@ def main(argv=None):
     try:
         cli.use_backend(args.backend)
         check_output_paths(folders={'--out folder': args.out}, files={'--report file': args.report})
+        check_path_relations(
+            outputs={'--report file': args.report, 'fine-tuned base': args.out / 'xception_finetuned.h5',
+                     'fine-tuned head': args.out / 'head_finetuned.h5',
+                     'fine-tuned head description': args.out / 'head_finetuned.json',
+                     'training curves': args.out / 'curves.png',
+                     'augmentation picture': args.out / 'augmentations.png'},
+            photo_folders={'--data folder': args.data} if args.data is not None else {},
+            inputs={'--head file': args.head, 'head description': args.head.with_suffix('.json'),
+                    **({'--weights file': args.weights} if args.weights not in (None, RANDOM_WEIGHTS) else {})})
         if args.show_augmentations:
             return show_augmentations(args, args.image_size or 299)
         head, description = load_head(args.head)
         image_size = args.image_size or description['image_size']
         splits = load_photos(args.data, args.limit)
+        check_classes(description, args.head, splits['train'], args.data)
         cli.check_batch_memory(image_size, args.batch_size, max(len(folder) for folder in splits.values()))
         weights = get_weights(args.weights)
         check_base(description, weights, args.head)
@@ -280,7 +290,8 @@ def main(argv=None):
     except DatasetLayoutError as error:
         print(f'error: {error}', file=sys.stderr)
         return 2
-    except (WeightsError, BackendError, minixcept.ShapeError, ValueError, OutputPathError, cli.RunError) as error:
+    except (WeightsError, BackendError, minixcept.ShapeError, ValueError, OutputPathError, cli.RunError,
+            WriteError) as error:
         print(f'error: {error}', file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -354,11 +354,20 @@ def test_predict_refuses_a_head_trained_on_another_base(predict, trained, notop_
     assert 'sha256:' in stderr and '--weights' in stderr
 
 
+def resaved_head(out, tmp_path, **changes):
+    """The head trained in ``out`` saved again as a whole pair (head.h5 + head.json of one run)
+    into tmp_path/resaved, with ``changes`` to its description."""
+    from minixcept.workflows.catdog import load_head, save_head_files
+    head, description = load_head(out / 'head.h5')
+    target = tmp_path / 'resaved' / 'head.h5'
+    target.parent.mkdir()
+    save_head_files(head, dict(description, **changes), target)
+    return target
+
+
 def test_predict_refuses_a_base_whose_checksum_differs_from_head_json(predict, trained, tmp_path, capsys):
     data, out = trained
-    head_file = copy_head(out, tmp_path)
-    description = head_file.with_suffix('.json')
-    description.write_text(json.dumps(dict(json.loads(description.read_text()), base_weights='sha256:' + '0' * 64)))
+    head_file = resaved_head(out, tmp_path, base_weights='sha256:' + '0' * 64)
     code, stdout, stderr = run_example(predict, ['--head', head_file, '--weights', 'random',
                                                  data / 'validation' / 'cats' / '0.jpg'], capsys)
     assert code == 1 and stdout == '' and 'trained on the base weights sha256:000' in stderr
@@ -860,7 +869,7 @@ def test_a_head_file_being_written_when_the_run_dies_leaves_the_old_one(bottlene
     assert run_example(bottleneck, quick(data, out), capsys)[0] == 0
     before = tree(out)
 
-    def dies_half_way(model, path):
+    def dies_half_way(model, path, **attributes):
         Path(path).write_bytes(b'half an HDF5 file')
         raise KeyboardInterrupt
     monkeypatch.setattr(weights, 'save_weights', dies_half_way)
@@ -977,9 +986,8 @@ def test_finetune_refuses_a_huge_image_size_before_loading_photos(finetune, trai
 
 def test_predict_refuses_a_head_json_whose_image_size_would_not_fit(predict, trained, tmp_path, capsys):
     data, out = trained
-    head_file = copy_head(out, tmp_path)
+    head_file = resaved_head(out, tmp_path, image_size=300_000)
     description = head_file.with_suffix('.json')
-    description.write_text(json.dumps(dict(json.loads(description.read_text()), image_size=300_000)))
     code, stdout, stderr = run_example(predict, ['--head', head_file, '--weights', 'random',
                                                  data / 'validation' / 'dogs' / '0.jpg'], capsys)
     assert code == 1 and stdout == '' and f'{description}: image_size 300000 with --batch-size 16' in stderr
@@ -1028,3 +1036,244 @@ def test_two_runs_at_once_on_the_same_out_and_cache_both_finish_and_leave_whole_
     head, description = load_example('catdog_predict').load_head(out / 'head.h5')
     assert description['class_names'] == ['cats', 'dogs']
     assert not list(out.rglob('*.tmp')) and not list(out.rglob('*.partial'))
+
+
+# -- a full disk, or any error while writing ----------------------------------------------------------
+
+def refuse_writes_to(monkeypatch, name):
+    """Make every plain file write whose file name holds ``name`` (the temporary files of
+    ``write_atomically`` are named after their target) write half its bytes, then fail as a
+    full disk does."""
+    import errno
+
+    def failing(write):
+        def write_or_fail(path, data, *args, **kwargs):
+            if name in Path(path).name:
+                write(path, data[:len(data) // 2], *args, **kwargs)
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return write(path, data, *args, **kwargs)
+        return write_or_fail
+    monkeypatch.setattr(Path, 'write_bytes', failing(Path.write_bytes))
+    monkeypatch.setattr(Path, 'write_text', failing(Path.write_text))
+
+
+def temporaries(root):
+    return [p for p in Path(root).rglob('*.tmp')]
+
+
+@pytest.mark.parametrize('target', ['head.h5', 'head.json', 'report.json', 'curves.png', 'train.h5'])
+def test_a_write_that_fails_is_one_line_naming_the_file_exit_1_and_the_old_files_stay(
+        target, bottleneck, tmp_path, monkeypatch, capsys):
+    data = make_data(tmp_path / 'data')
+    out, cache = tmp_path / 'out', tmp_path / 'cache'
+    assert run_example(bottleneck, quick(data, out, '--cache', cache), capsys)[0] == 0
+    before = tree(out)
+    if target == 'train.h5':
+        (cache / 'train.h5').unlink()                   # computed again, then written
+    if target == 'curves.png':
+        from PIL import Image as PillowImage
+        real_save = PillowImage.Image.save
+
+        def save_or_fail(image, path, *args, **kwargs):
+            if 'curves.png' in Path(path).name:
+                raise OSError(28, os.strerror(28))
+            return real_save(image, path, *args, **kwargs)
+        monkeypatch.setattr(PillowImage.Image, 'save', save_or_fail)
+    else:
+        refuse_writes_to(monkeypatch, target)
+    code, _, stderr = run_example(bottleneck, quick(data, out, '--cache', cache, '--epochs', 2), capsys)
+    written = (cache if target == 'train.h5' else out) / target
+    assert code == 1 and 'Traceback' not in stderr, stderr
+    errors = [line for line in stderr.splitlines() if line.startswith('error:')]
+    assert errors == [f'error: cannot write {written}: No space left on device (ENOSPC)'], stderr
+    assert temporaries(out) == [] and temporaries(cache) == []
+    if target in ('head.h5', 'train.h5'):                # nothing of this run replaced a file
+        assert tree(out) == before
+    else:                                                # what was written before it is whole
+        assert set(tree(out)) == set(before)
+        assert {name for name in before if tree(out)[name] != before[name]} <= {'head.h5', 'head.json', 'curves.png'}
+    if target == 'train.h5':
+        assert not (cache / 'train.h5').exists()
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """small_disk(kilobytes): a tmpfs of that size mounted in tmp_path (root only), or skip saying why."""
+    mounted = []
+
+    def mount(kilobytes):
+        point = tmp_path / f'disk{len(mounted)}'
+        point.mkdir()
+        done = subprocess.run(['mount', '-t', 'tmpfs', '-o', f'size={kilobytes}k', 'tmpfs', str(point)],
+                              capture_output=True, text=True) if shutil.which('mount') else None
+        if done is None or done.returncode != 0:
+            pytest.skip('cannot mount a small tmpfs here (needs root and mount permission): '
+                        + (done.stderr.strip() if done else 'no mount command'))
+        mounted.append(point)
+        return point
+    yield mount
+    for point in mounted:
+        subprocess.run(['umount', str(point)], capture_output=True)
+
+
+def test_a_cache_on_a_full_disk_is_one_line_and_exit_1_never_a_crash(small_disk, tmp_path):
+    """Writing the cache on a full disk once ended in seven h5py tracebacks and a segmentation
+    fault. A subprocess, so that a crash would show as its exit status."""
+    data = make_data(tmp_path / 'data')
+    disk = small_disk(48)                       # one stored batch fits, the complete file after it does not
+    done = subprocess.run([sys.executable, str(REPO / 'examples' / 'catdog_bottleneck.py'),
+                           *map(str, quick(data, tmp_path / 'out', '--cache', disk))],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1, (done.returncode, done.stderr)
+    errors = [line for line in done.stderr.splitlines() if line.startswith('error:')]
+    assert len(errors) == 1 and 'Traceback' not in done.stderr, done.stderr
+    assert errors[0].startswith(f'error: cannot write {disk}/') and 'No space left on device (ENOSPC)' in errors[0]
+    assert temporaries(disk) == [] and not (disk / 'train.h5').exists()
+
+
+def test_a_head_on_a_full_disk_leaves_the_old_head_whole(bottleneck, small_disk, tmp_path, capsys):
+    data = make_data(tmp_path / 'data')
+    out = small_disk(3 * 1024)                  # one head (2.1 MB) fits, a second beside it does not
+    cache = tmp_path / 'cache'
+    assert run_example(bottleneck, quick(data, out, '--cache', cache), capsys)[0] == 0
+    before = tree(out)
+    code, _, stderr = run_example(bottleneck, quick(data, out, '--cache', cache, '--epochs', 2), capsys)
+    assert code == 1 and 'Traceback' not in stderr
+    errors = [line for line in stderr.splitlines() if line.startswith('error:')]
+    assert errors == [f'error: cannot write {out / "head.h5"}: No space left on device (ENOSPC)'], stderr
+    assert tree(out) == before and temporaries(out) == []
+
+
+
+# -- files that belong together: the head and its description, the data, a run's paths ---------------
+
+@pytest.fixture(scope='module')
+def other_runs(bottleneck, trained, tmp_path_factory):
+    """Two more heads on the same kind of photos: one at 80 px, one on three classes."""
+    root = tmp_path_factory.mktemp('other_runs')
+    at_80 = root / 'out80'
+    assert bottleneck.main([str(a) for a in quick(trained[0], at_80, '--image-size', 80)]) == 0
+    birds = make_data(root / 'birds', classes=('birds', 'cats', 'dogs'))
+    three = root / 'out3'
+    assert bottleneck.main([str(a) for a in quick(birds, three)]) == 0
+    return {'80 px': at_80, 'three classes': three, 'birds data': birds}
+
+
+def test_a_head_json_of_another_run_beside_head_h5_is_refused_naming_both(predict, trained, other_runs, tmp_path,
+                                                                         capsys):
+    data, out = trained
+    head_file = copy_head(out, tmp_path)
+    description = head_file.with_suffix('.json')
+    shutil.copy(other_runs['80 px'] / 'head.json', description)     # a 71 px head, an 80 px description
+    code, stdout, stderr = run_example(predict, ['--head', head_file, '--weights', 'random',
+                                                 data / 'validation' / 'dogs' / '0.jpg'], capsys)
+    assert code == 1 and stdout == '' and 'Traceback' not in stderr
+    assert f'{head_file} and {description} do not belong together: run is' in stderr
+
+
+@pytest.mark.parametrize('example', ['catdog_predict', 'catdog_explain'])
+def test_class_names_reversed_in_head_json_are_refused_naming_both_files(example, trained, tmp_path, capsys):
+    data, out = trained
+    head_file = copy_head(out, tmp_path)
+    description = head_file.with_suffix('.json')
+    description.write_text(json.dumps(dict(json.loads(description.read_text()), class_names=['dogs', 'cats'])))
+    code, stdout, stderr = run_example(load_example(example), ['--head', head_file, '--weights', 'random',
+                                                               '--out', tmp_path / 'pictures',
+                                                               data / 'validation' / 'dogs' / '0.jpg']
+                                       if example == 'catdog_explain' else
+                                       ['--head', head_file, '--weights', 'random',
+                                        data / 'validation' / 'dogs' / '0.jpg'], capsys)
+    assert code == 1 and stdout == '' and 'Traceback' not in stderr
+    assert (f"{head_file} and {description} do not belong together: class_names is ['cats', 'dogs'] in the "
+            "first and ['dogs', 'cats'] in the second") in stderr
+    assert not (tmp_path / 'pictures').exists()
+
+
+@pytest.mark.parametrize('case', ['three-class head, two-class photos', 'two-class head, three-class photos'])
+def test_finetune_refuses_a_head_of_other_classes_naming_both_lists(case, finetune, trained, other_runs, tmp_path,
+                                                                   capsys):
+    if case.startswith('three'):
+        head, data = other_runs['three classes'] / 'head.h5', trained[0]
+        trained_on, photos_of = ['birds', 'cats', 'dogs'], ['cats', 'dogs']
+    else:
+        head, data = trained[1] / 'head.h5', other_runs['birds data']
+        trained_on, photos_of = ['cats', 'dogs'], ['birds', 'cats', 'dogs']
+    code, stdout, stderr = run_example(finetune, ['--data', data, '--head', head, '--weights', 'random',
+                                                  '--out', tmp_path / 'ft', '--epochs', 1, '--no-augment'], capsys)
+    assert code == 1 and 'Traceback' not in stderr
+    assert f'error: {head} was trained on the classes {trained_on}, but the photos in {data} are of {photos_of}' \
+        in stderr
+    assert not (tmp_path / 'ft').exists()
+
+
+def bottleneck_clash(tmp_path, data, out):
+    """Each way a bottleneck run's paths can clash: (its arguments, the start of the error line)."""
+    cache = out / 'cache'
+    return {
+        'report over the head': (['--report', out / 'head.h5'], f'{out / "head.h5"}: the head and the --report file'),
+        'report over the description': (['--report', out / 'head.json'],
+                                        f'{out / "head.json"}: the head description and the --report file'),
+        'report into the cache': (['--report', cache / 'train.h5'],
+                                  f'{cache / "train.h5"}: the --report file lies inside the --cache folder'),
+        'report over a photo': (['--report', data / 'train' / 'cats' / '0.jpg'],
+                                f'{data / "train" / "cats" / "0.jpg"}: the --report file lies inside the --data'),
+        'out inside the photos': (['--out', data / 'train' / 'runs'],
+                                  f'{data / "train" / "runs" / "report.json"}: the --report file lies inside'),
+        'cache inside the photos': (['--cache', data / 'cache'],
+                                    f'{data / "cache"}: the --cache folder lies inside the --data folder'),
+        'out is the cache': (['--cache', out], f'{out / "report.json"}: the --report file lies inside the --cache'),
+    }
+
+
+CLASHES = list(bottleneck_clash(Path('t'), Path('d'), Path('o')))
+
+
+@pytest.mark.parametrize('clash', CLASHES)
+def test_a_bottleneck_run_whose_paths_clash_is_refused_before_any_work(clash, bottleneck, tmp_path, capsys):
+    data = make_data(tmp_path / 'data', per_class=1)
+    out = tmp_path / 'out'
+    assert run_example(bottleneck, quick(data, out), capsys)[0] == 0
+    before, photos = tree(out), tree(data)
+    extra, expected = bottleneck_clash(tmp_path, data, out)[clash]
+    code, stdout, stderr = run_example(bottleneck, quick(data, out, *extra), capsys)
+    assert code == 1 and 'Traceback' not in stderr
+    assert f'error: {expected}' in stderr, stderr
+    assert 'photos' not in stdout                      # refused before the photos were even listed
+    assert tree(out) == before and tree(data) == photos
+
+
+def test_finetune_refuses_a_report_over_its_own_head(finetune, trained, tmp_path, capsys):
+    data, out = trained
+    head_file = copy_head(out, tmp_path)
+    before = tree(head_file.parent)
+    code, _, stderr = run_example(finetune, ['--data', data, '--head', head_file, '--weights', 'random',
+                                             '--out', tmp_path / 'ft', '--report', head_file, '--epochs', 1], capsys)
+    assert code == 1 and 'Traceback' not in stderr
+    assert f'error: {head_file}: the --report file would overwrite the --head file the run reads' in stderr
+    assert tree(head_file.parent) == before and not (tmp_path / 'ft').exists()
+
+
+def test_explain_refuses_a_picture_over_its_photo_or_two_pictures_of_one_name(trained, tmp_path, capsys):
+    data, out = trained
+    explain = load_example('catdog_explain')
+    pictures = tmp_path / 'pictures'
+    pictures.mkdir()
+    photo = save_photo(pictures / 'cat.png', seed=1)
+    before = tree(pictures)
+    code, _, stderr = run_example(explain, ['--head', out / 'head.h5', '--weights', 'random', '--out', pictures,
+                                            photo], capsys)
+    assert code == 1 and f'error: {photo}: the picture of {photo} would overwrite the photo {photo}' in stderr
+    assert tree(pictures) == before
+    twins = [data / 'validation' / 'cats' / '0.jpg', data / 'validation' / 'dogs' / '0.jpg']
+    code, _, stderr = run_example(explain, ['--head', out / 'head.h5', '--weights', 'random', '--out',
+                                            tmp_path / 'twins', *twins], capsys)
+    assert code == 1 and f'the picture of {twins[1]} and the picture of {twins[0]}' in stderr
+    assert not (tmp_path / 'twins').exists()
+
+
+def test_the_path_relations_check_passes_a_run_whose_paths_are_apart(tmp_path):
+    from minixcept.files.paths import check_path_relations
+    check_path_relations(outputs={'report': tmp_path / 'out' / 'report.json', 'head': tmp_path / 'out' / 'head.h5'},
+                         exclusive={'cache': tmp_path / 'out' / 'cache'}, photo_folders={'data': tmp_path / 'data'},
+                         inputs={'weights': tmp_path / 'weights.h5'})
+    assert list(tmp_path.iterdir()) == []

@@ -68,3 +68,45 @@ def check_output_paths(folders=(), files=()):
         check_folder(path, what)
     for what, path in dict(files).items():
         check_file(path, what)
+
+
+def _inside(path, folder):
+    """Whether ``path`` is ``folder`` or lies below it (both resolved)."""
+    return path == folder or folder in path.parents
+
+
+def check_path_relations(outputs=(), exclusive=(), photo_folders=(), inputs=()):
+    """Check a run's paths against each other before it starts; every argument is
+    ``{description: path}``:
+
+    outputs:        the files the run writes (its report, a head, a picture...);
+    exclusive:      folders the run owns whole (the feature cache): no other output inside;
+    photo_folders:  the folders it reads photos from: no output inside (a second run would
+                    take a report or a picture for a photo);
+    inputs:         the files it reads (a head, weights, photos): no output over one.
+
+    Paths are compared resolved (links followed, relative paths made absolute). Raises
+    OutputPathError naming both paths of the first clash.
+    """
+    def resolved(paths):
+        return [(what, Path(path), Path(path).resolve()) for what, path in dict(paths).items()]
+    outputs, exclusive = resolved(outputs), resolved(exclusive)
+    photo_folders, inputs = resolved(photo_folders), resolved(inputs)
+    for index, (what, path, real) in enumerate(outputs):
+        for other_what, other, other_real in outputs[:index]:
+            if real == other_real:
+                raise OutputPathError(f'{path}: the {what} and the {other_what} ({other}) would be the same file')
+        for input_what, input_path, input_real in inputs:
+            if real == input_real:
+                raise OutputPathError(f'{path}: the {what} would overwrite the {input_what} the run reads '
+                                      f'({input_path})')
+    for what, path, real in outputs + exclusive:
+        for folder_what, folder, folder_real in photo_folders:
+            if _inside(real, folder_real):
+                raise OutputPathError(f'{path}: the {what} lies inside the {folder_what} {folder}, '
+                                      'which the run reads photos from')
+    for what, path, real in outputs:
+        for folder_what, folder, folder_real in exclusive:
+            if _inside(real, folder_real):
+                raise OutputPathError(f'{path}: the {what} lies inside the {folder_what} {folder}, '
+                                      'which holds nothing else')

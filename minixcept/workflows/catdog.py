@@ -11,6 +11,7 @@ import json
 import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -19,8 +20,11 @@ from .. import backend, layers, losses, optimizers
 from ..layers import set_seed
 from ..errors import WeightsError
 from ..files.augment import AugmentSettings
+from ..files.atomic import write_atomically
 from ..files.cache import weights_checksum
+from ..files.hdf5 import read_attribute
 from ..files.images import DatasetLayoutError, expected_layout, find_image_folders, load_batch
+from ..files import weights as weight_files
 from ..files.weights import load_weights
 from ..model import Sequential
 from ..xception import Xception
@@ -168,16 +172,64 @@ def read_description(description_file):
     return description
 
 
+#: What head.h5 and head.json must agree on: the run that wrote them and what the head was
+#: trained for. head.h5 keeps its own copy in the root attribute TIE_ATTRIBUTE.
+TIED = ('run', 'class_names', 'image_size', 'feature_dim', 'base_weights')
+TIE_ATTRIBUTE = 'minixcept_head'
+
+
+def save_head_files(head, description, head_file):
+    """head.h5 and its description head.json, as one unit: both carry the same run id and the
+    same TIED fields (head.h5 in an attribute Keras ignores), so a head.json beside a head of
+    another run, or edited by hand, is refused by ``load_head``. Returns the description written."""
+    head_file = Path(head_file)
+    description = dict(description, run=uuid.uuid4().hex)
+    tie = json.dumps({name: description[name] for name in TIED})
+    write_atomically(head_file, lambda tmp: weight_files.save_weights(head, tmp, attributes={TIE_ATTRIBUTE: tie}))
+    cli.write_json(head_file.with_suffix('.json'), description)
+    return description
+
+
+def check_tie(head_file, description_file, description):
+    """Raise WeightsError naming both files unless head.h5's own copy of the TIED fields equals
+    head.json's: they come from one run, for the same classes, image size and base."""
+    stored = read_attribute(head_file, TIE_ATTRIBUTE)
+    both = f'{head_file} and {description_file}'
+    if stored is None:
+        raise WeightsError(f'{both} are not known to belong together: {Path(head_file).name} records no run '
+                           '(saved by an older version?); train the head again with examples/catdog_bottleneck.py')
+    try:
+        tie = json.loads(stored)
+    except json.JSONDecodeError:
+        tie = None
+    if not isinstance(tie, dict):
+        raise WeightsError(f'{head_file}: its record of the run that wrote it is damaged; train the head again')
+    for name in TIED:
+        if tie.get(name) != description.get(name):
+            raise WeightsError(f'{both} do not belong together: {name} is {tie.get(name)!r} in the first and '
+                               f'{description.get(name)!r} in the second; keep the two files of one run side by side')
+
+
 def load_head(head_file):
-    """The trained head and its description (class names, input size) from head.h5 + head.json."""
+    """The trained head and its description (class names, input size) from head.h5 + head.json,
+    after checking that the two belong together (``check_tie``)."""
     description_file = Path(head_file).with_suffix('.json')
     if not Path(head_file).is_file() or not description_file.is_file():
         raise WeightsError(f'{head_file}: no trained head here (it needs {description_file.name} beside it); '
                            'run examples/catdog_bottleneck.py first')
     description = read_description(description_file)
+    check_tie(head_file, description_file, description)
     head = build_head(description['feature_dim'], len(description['class_names']))
     load_weights(head, head_file)
     return head, description
+
+
+def check_classes(description, head_file, folder, data_dir):
+    """Raise RunError naming both lists unless the photos' classes are the head's, in order:
+    a head trained on other classes would train cats as its first class, whatever it is."""
+    if list(folder.class_names) != list(description['class_names']):
+        raise cli.RunError(f"{head_file} was trained on the classes {description['class_names']}, but the photos in "
+                           f"{data_dir} are of {list(folder.class_names)}; train a head on these classes first")
 
 
 def weights_id_of(weights, seed=0, digest_dir=None):
