@@ -20,7 +20,7 @@ from .. import backend, layers, losses, optimizers
 from ..layers import set_seed
 from ..errors import WeightsError
 from ..files.augment import AugmentSettings
-from ..files.atomic import write_atomically
+from ..files.atomic import WriteError, write_atomically, write_error
 from ..files.cache import weights_checksum
 from ..files.hdf5 import read_attribute
 from ..files.images import DatasetLayoutError, expected_layout, find_image_folders, load_batch
@@ -181,12 +181,28 @@ TIE_ATTRIBUTE = 'minixcept_head'
 def save_head_files(head, description, head_file):
     """head.h5 and its description head.json, as one unit: both carry the same run id and the
     same TIED fields (head.h5 in an attribute Keras ignores), so a head.json beside a head of
-    another run, or edited by hand, is refused by ``load_head``. Returns the description written."""
+    another run, or edited by hand, is refused by ``load_head``. Returns the description written.
+
+    Both are written in full under temporary names before either is put in place, so a full
+    disk replaces neither: the old pair stays a pair (one rename after the other remains)."""
     head_file = Path(head_file)
+    description_file = head_file.with_suffix('.json')
     description = dict(description, run=uuid.uuid4().hex)
     tie = json.dumps({name: description[name] for name in TIED})
-    write_atomically(head_file, lambda tmp: weight_files.save_weights(head, tmp, attributes={TIE_ATTRIBUTE: tie}))
-    cli.write_json(head_file.with_suffix('.json'), description)
+    pending = head_file.with_name(f".{description_file.name}.{description['run']}.tmp")
+    try:
+        try:
+            cli.write_json(pending, description)
+        except WriteError as error:
+            raise write_error(description_file, error) from None
+        write_atomically(head_file, lambda tmp: weight_files.save_weights(head, tmp, attributes={TIE_ATTRIBUTE: tie}))
+        try:
+            pending.replace(description_file)
+        except OSError as error:
+            raise write_error(description_file, error) from None
+    finally:
+        if pending.exists():
+            pending.unlink()
     return description
 
 
