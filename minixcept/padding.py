@@ -23,7 +23,9 @@ import numbers
 def as_pair(value, what='value'):
     """2 -> (2, 2); (2, 3) -> (2, 3): whole numbers of 1 or more."""
     pair = (value, value) if not isinstance(value, (tuple, list)) else tuple(value)
-    if len(pair) != 2 or any(isinstance(v, bool) or not isinstance(v, numbers.Integral) for v in pair):
+    if len(pair) != 2:
+        raise ValueError(f"{what} must be a whole number or a pair of them, got {value!r}")
+    if any(isinstance(v, bool) or not isinstance(v, numbers.Integral) for v in pair):
         raise TypeError(f"{what} must be a whole number or a pair of them, got {value!r}")
     if min(pair) < 1:
         raise ValueError(f"{what} must be 1 or more, got {value!r}")

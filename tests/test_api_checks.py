@@ -102,7 +102,7 @@ def cases():
         Case('Conv2D filters float', lambda: layers.Conv2D(2.5, 3), TypeError, 'filters'),
         Case('Conv2D kernel_size 0', lambda: layers.Conv2D(2, 0), ValueError, 'kernel_size'),
         Case('Conv2D kernel_size float', lambda: layers.Conv2D(2, 3.0), TypeError, 'kernel_size'),
-        Case('Conv2D kernel_size triple', lambda: layers.Conv2D(2, (3, 3, 3)), TypeError, 'kernel_size'),
+        Case('Conv2D kernel_size triple', lambda: layers.Conv2D(2, (3, 3, 3)), ValueError, 'kernel_size'),
         Case('Conv2D strides -1', lambda: layers.Conv2D(2, 3, strides=-1), ValueError, 'strides'),
         Case('Conv2D padding full', lambda: layers.Conv2D(2, 3, padding='full'), ValueError, 'padding'),
         Case('Conv2D padding number', lambda: layers.Conv2D(2, 3, padding=1), TypeError, 'padding'),
