@@ -19,6 +19,7 @@ import minixcept
 from conftest import relative_error
 from minixcept.engines import training as fastgrad
 from minixcept import layers as L
+from minixcept.engines.kernels import Workers
 from minixcept.engines.plan import GraphPlan
 from minixcept.engines.training import GradientEngine
 from minixcept.model import Model
@@ -383,6 +384,76 @@ def test_dropout_in_training_matches_plain(rng):
     expected = run_plain(head, x, dy, training=True)
     minixcept.set_seed(7)
     assert_same_pass(run_engine(head, x, dy, True, threads=2), expected, TOLERANCE)
+
+
+@pytest.mark.parametrize('threads', [1, 2, 3])
+@pytest.mark.parametrize('activation, use_bias', [('relu', True), (None, False), (None, True)])
+def test_dense_matches_plain(rng, threads, activation, use_bias):
+    """The dense pair cuts its products into parts by the kernel's columns (forward) and rows
+    (backward), each written into its own slice of y, dkernel and dx: sizes that do not
+    divide evenly (300 inputs, 130 units) cross the parts' edges."""
+    layer = built(L.Dense(130, activation=activation, use_bias=use_bias), (7, 300), rng)
+    workers = Workers(threads)
+    parts = fastgrad._parts(130, workers)
+    assert len(parts) == (1 if threads == 1 else 2) and parts[-1].stop == 130
+    x = rng.standard_normal((7, 300)).astype(np.float32)
+    share = fastgrad.Share(workers=workers)
+    assert_pair_matches_plain(layer, lambda layer, x, training: fastgrad.fast_dense_forward(
+        layer, x, training, share=share), fastgrad.fast_dense_backward, x, rng)
+
+
+def test_head_with_dropout_cuts_its_products_for_the_threads(monkeypatch, rng):
+    """The cat/dog head's shape, scaled down: Dense(relu) -> Dropout -> Dense. Dropout makes the
+    batch one share; its products are small, so the dense pairs cut them into parts for the
+    engine's threads (BLAS on one thread). Same pass as the plain layers, dropout masks too."""
+    head = minixcept.Sequential([L.Dense(256, activation='relu'), L.Dropout(0.5), L.Dense(1)], input_shape=(512,))
+    randomise(head, rng)
+    engine = GradientEngine(head, threads=2)
+    plan = engine._plan(True, None, None)
+    assert [type(step).__name__ for step in plan.steps] == ['FastStep', 'PlainStep', 'FastStep']
+    seen = []
+    real_each = Workers.each
+
+    def each(workers, function, items):
+        seen.append((workers.threads, len(items)))
+        return real_each(workers, function, items)
+    x = rng.standard_normal((32, 512)).astype(np.float32)
+    dy = rng.standard_normal((32, 1)).astype(np.float32)
+    minixcept.set_seed(3)
+    expected = run_plain(copy.deepcopy(head), x, dy, training=True)
+    minixcept.set_seed(3)
+    monkeypatch.setattr(Workers, 'each', each)
+    got = engine.forward(x, training=True), engine.backward(dy), {layer.name: dict(layer.grads) for layer in head.layers}
+    assert_same_pass(got, expected, TOLERANCE)
+    assert (2, 4) in seen                                 # the 256-wide products went out in four parts
+
+
+@pytest.mark.parametrize('optimizer', [lambda: minixcept.optimizers.Adam(1e-3),
+                                       lambda: minixcept.optimizers.SGD(0.1, momentum=0.9, nesterov=True),
+                                       lambda: minixcept.optimizers.SGD(0.1, momentum=0.9),
+                                       lambda: minixcept.optimizers.SGD(0.1)])
+def test_optimizer_updates_in_slices_on_the_threads_give_the_same_numbers(monkeypatch, rng, optimizer):
+    """``run_elementwise`` cuts a large parameter into slices for the threads (here slices of 1,000
+    numbers, the last one short, over 4,250): three steps give exactly the numbers of the whole-
+    array update, and a small parameter (the bias) runs whole."""
+    monkeypatch.setattr(fastgrad, 'ELEMENTWISE_PART', 1000)
+    head = minixcept.Sequential([L.Dense(50)], input_shape=(85,))
+    randomise(head, rng)
+    twin = copy.deepcopy(head)
+    engine = GradientEngine(head, threads=2)
+    calls = []
+    real = engine.workers.each
+    engine.workers.each = lambda function, items: (calls.append(len(items)), real(function, items))
+    ours, theirs = optimizer(), optimizer()
+    for _ in range(3):
+        grads = [rng.standard_normal(w.shape).astype(np.float32) for w in head.get_weights()]
+        for model in (head, twin):
+            model.layers[0].grads = dict(zip(('kernel', 'bias'), (g.copy() for g in grads)))
+        ours.apply_gradients(head.layers, run=engine.run_elementwise)
+        theirs.apply_gradients(twin.layers)
+    assert calls == [5, 5, 5]
+    for a, b in zip(head.get_weights(), twin.get_weights()):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_backward_needs_a_forward_first(rng):

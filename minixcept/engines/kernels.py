@@ -391,18 +391,11 @@ def engine_workers(threads=None):
 _blas_controller = None
 
 
-#: Multiply-adds under which a matrix product runs on one BLAS thread: it is over before a
-#: second thread pays for waking it, and when another process holds a core, the product would
-#: wait for that core (a small product's time then grows several times over).
+#: Multiply-adds under which a matrix product runs on one BLAS thread (the training engine's
+#: batch run as one share): a second BLAS thread would make the product wait for its core when
+#: another process holds it (a small product's time then grows several times over); the engine
+#: cuts such products into parts for its own threads instead, which any free thread takes.
 SMALL_PRODUCT = 1 << 26
-
-
-def blas_for_product(multiply_adds):
-    """The context to run a product of this many multiply-adds in: one BLAS thread when it is
-    small (``SMALL_PRODUCT``), else BLAS's own threads. None (unknown) counts as large."""
-    if multiply_adds is not None and multiply_adds < SMALL_PRODUCT:
-        return single_threaded_blas() or contextlib.nullcontext()
-    return contextlib.nullcontext()
 
 
 def single_threaded_blas():

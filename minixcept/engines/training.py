@@ -38,6 +38,12 @@ checks the outputs, the input gradient and every weight's gradient against
 - **Full convolutions as im2col a block of rows at a time** and one matrix product per
   block, and **max pooling tile by tile**, each tile through the plain layer's own code.
 - **Other ReLUs in one pass** (the maximum with a row of zeros), keeping only their output.
+- **A classification head's products cut into parts for the threads.** A head with dropout
+  runs as one share, and its products are small: BLAS stays on one thread and each dense
+  layer's products are cut by the kernel's columns (forward) or rows (backward) into parts
+  that the engine's threads take one after another, so a core that another process holds
+  delays only the part on it. An optimizer's step is shared out the same way
+  (``run_elementwise``: its rule is elementwise, so slices give the same numbers).
 - **Memory kept from pass to pass.** Each share's outputs, caches, gradients and scratch
   come from a buffer pool (``kernels.BufferPool``) that the engine keeps: fresh memory costs a
   page fault per page on first write, and on a virtual machine a pass through fresh memory
@@ -69,14 +75,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..layers import Activation, Add, BatchNormalization, Conv2D, Dropout, MaxPooling2D, SeparableConv2D
+from ..layers import Activation, Add, BatchNormalization, Conv2D, Dense, Dropout, MaxPooling2D, SeparableConv2D
 from ..layers.base import grad_enabled
 from ..layers.pooling import max_pool2d_backward
 from ..padding import window, window_geometry
 from . import Engine, KeptPerModel
-from .kernels import (along_width, blas_for_product, backward_pads, conv_kernel_gradient, conv_rows, depthwise_kernel_gradient,
+from .kernels import (SMALL_PRODUCT, along_width, backward_pads, conv_kernel_gradient, conv_rows, depthwise_kernel_gradient,
                       depthwise_rows, done_with, extent, gather_rows, lending_from,
-                      max_pool_tile_with_argmax, new_array, new_like, single_threaded_blas, tiles_of)
+                      max_pool_tile_with_argmax, new_array, new_like, ONE_THREAD, single_threaded_blas, tiles_of)
 from .plan import CONVOLUTIONS, GraphPlan, Kernels
 
 # Batch-norm's gamma gradient is summed over pieces of about this many bytes of x and dy.
@@ -113,10 +119,13 @@ class ShareSums:
 @dataclass(frozen=True)
 class Share:
     """The share of the batch a pass runs on, handed to it as an argument: its ``index``
-    (share 0 moves a batch-norm's moving statistics) and the ``ShareSums`` the shares of one
-    batch add their partial sums with (None: the share is the whole batch)."""
+    (share 0 moves a batch-norm's moving statistics), the ``ShareSums`` the shares of one
+    batch add their partial sums with (None: the share is the whole batch), and the
+    ``workers`` it may cut a product into parts for: the engine's threads when a batch of
+    small products runs as one share (BLAS then on one thread), else the share's own thread."""
     index: int = 0
     sums: object = None
+    workers: object = ONE_THREAD
 
     def totals(self, *partial):
         """The totals of these partial sums over the batch's shares (themselves when alone)."""
@@ -416,6 +425,56 @@ def fast_relu_backward(layer, dy, y):
     return dx, {layer.name: {}}
 
 
+#: Parts a thread when a product is cut for the threads (``fast_dense_forward``).
+PARTS_A_THREAD = 2
+
+
+def _parts(size, workers, narrowest=64):
+    """Slices cutting ``size`` rows or columns into ``PARTS_A_THREAD`` parts a thread
+    (``workers``), none narrower than ``narrowest``: one slice on one thread."""
+    count = max(1, min(PARTS_A_THREAD * workers.threads if workers.threads > 1 else 1, size // narrowest))
+    bounds = [size * i // count for i in range(count + 1)]
+    return [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def fast_dense_forward(layer, x, training, fused=NOT_FUSED, share=WHOLE_BATCH):
+    """y = x @ kernel + bias, then the layer's ReLU if it has one, with the product cut by the
+    kernel's columns into parts that the share's threads take one after another (a
+    thread kept off its core holds up only its part). Keeps x and y (where y > 0 is the
+    ReLU's mask). Equals ``dense.dense_forward`` (and ``activation.relu_forward``)."""
+    kernel, bias = layer.params['kernel'], layer.params.get('bias')
+    y = new_array((len(x), kernel.shape[1]), np.result_type(x, kernel))
+
+    def columns(part, _slot):
+        y[:, part] = x @ kernel[:, part]             # (matmul's out= is slow on a strided slice)
+    share.workers.each(columns, _parts(kernel.shape[1], share.workers))
+    if bias is not None:
+        y += bias
+    if layer.activation == 'relu':
+        np.maximum(y, 0, out=y)
+    return y, (x, y, share.workers)
+
+
+def fast_dense_backward(layer, dy, cache):
+    """dz = dy (times the ReLU's mask), then dkernel = x.T @ dz and dx = dz @ kernel.T cut
+    alike by the kernel's rows: part r gives dkernel[r] and dx[:, r]. dbias = the sum of dz
+    over the batch. Equals ``dense.dense_backward`` (and ``activation.relu_backward``)."""
+    x, y, workers = cache
+    kernel = layer.params['kernel']
+    dz = np.multiply(dy, y > 0, out=new_like(dy)) if layer.activation == 'relu' else dy
+    dkernel = np.empty(kernel.shape, dz.dtype)                       # the layer's grads: the caller's arrays
+    dx = new_array(x.shape, dz.dtype)
+
+    def rows(part, _slot):
+        np.matmul(x[:, part].T, dz, out=dkernel[part])
+        dx[:, part] = dz @ kernel[part].T
+    workers.each(rows, _parts(kernel.shape[0], workers))
+    grads = {'kernel': dkernel}
+    if layer.use_bias:
+        grads['bias'] = dz.sum(axis=0)
+    return dx, {layer.name: grads}
+
+
 @dataclass(frozen=True)
 class FastPass:
     """A fast pair for one layer type, the cases it takes (``takes(layer, training, rank)``,
@@ -436,6 +495,8 @@ def _on_batch_statistics(layer, training, rank):
 
 
 FAST_PASSES = (
+    FastPass(Dense, lambda layer, training, rank: rank == 2 and layer.activation in (None, 'relu'),
+             fast_dense_forward, fast_dense_backward, 'dense.dense_forward / dense_backward'),
     FastPass(Activation, lambda layer, training, rank: layer.activation == 'relu',
              fast_relu_forward, fast_relu_backward, 'activation.relu_forward / relu_backward'),
     FastPass(MaxPooling2D, lambda layer, training, rank: True,
@@ -574,7 +635,7 @@ def plan_steps(model, graph, fast=True):
     for node in graph.nodes:
         layer = node.layer
         fast_pass = (fast_pass_for(layer, graph.training, len(model.output_shape(node.inputs[0])))
-                     if fast and isinstance(layer, (Activation, MaxPooling2D, BatchNormalization) + CONVOLUTIONS)
+                     if fast and isinstance(layer, (Activation, Dense, MaxPooling2D, BatchNormalization) + CONVOLUTIONS)
                      else None)
         if layer.name in absorbed:
             steps.append(FusedAwayStep(node))
@@ -588,6 +649,12 @@ def plan_steps(model, graph, fast=True):
 
 
 # -- the engine -----------------------------------------------------------------------------------
+
+#: Numbers per slice when an optimizer's update is shared out on the engine's threads
+#: (``GradientEngine.run_elementwise``): 2^17 float32 (512 KiB an array) keeps each slice's
+#: arrays within a core's cache share and makes a 2,048 x 256 kernel four slices.
+ELEMENTWISE_PART = 1 << 17
+
 
 class GradientEngine(Engine):
     """A model's forward and backward pass for training, rearranged for the CPU (see the module
@@ -667,24 +734,29 @@ class GradientEngine(Engine):
             return None
 
     def _each_share(self, function, count):
-        """Run function(share) for every share (a ``Share``: its index and the sums it adds its
-        partial sums with), with that share's buffer pool: on the calling thread when there is
-        one share (BLAS on one thread for a small product, ``kernels.blas_for_product``), else
-        on the workers with BLAS held to one thread. Returns the results in order."""
+        """Run function(share) for every share (a ``Share``: its index, the sums it adds its
+        partial sums with, the threads it may cut a product for), with that share's buffer
+        pool, and return the results in order. Several shares run on the workers with BLAS
+        held to one thread. One share runs on the calling thread: when its largest product is
+        small (``SMALL_PRODUCT``), with BLAS on one thread and the engine's threads to cut the
+        products into parts (``fast_dense_forward``), else with BLAS's own threads."""
         results = [None] * count
         sums = ShareSums(count)
 
-        def run(index, _slot=0):
+        def run(index, _slot=0, workers=ONE_THREAD):
             try:
                 with lending_from(self.buffers[index]):
-                    results[index] = function(Share(index, sums if count > 1 else None))
+                    results[index] = function(Share(index, sums if count > 1 else None, workers))
             except threading.BrokenBarrierError:
                 pass                             # another share failed: its error is the one raised
             except BaseException:
                 sums.abort()                     # let the shares waiting for this one go
                 raise
         if count == 1:
-            with blas_for_product(self._largest_product):
+            if self._largest_product is not None and self._largest_product < SMALL_PRODUCT:
+                with single_threaded_blas() or contextlib.nullcontext():
+                    run(0, workers=self.workers)
+            else:
                 run(0)
             return results
         with single_threaded_blas() or contextlib.nullcontext():
@@ -791,6 +863,22 @@ class GradientEngine(Engine):
             for array in used:                          # once every input has its gradient
                 spent(array)
         return pending[wanted].copy(), grads                      # not pool memory
+
+    def run_elementwise(self, update, arrays):
+        """An optimizer's update of one parameter on this engine's threads (the ``run`` of
+        ``Optimizer.apply_gradients``). The update is elementwise, so a large parameter is cut
+        into matching slices of ``ELEMENTWISE_PART`` numbers of each array (param, grad, state),
+        which the threads take one after another: the same numbers as one update of the
+        whole, and a thread kept off its core holds up only the slice it is on. A small
+        parameter, GPU arrays, and arrays that are not one contiguous block run whole."""
+        size = arrays[0].size
+        if (self.threads == 1 or size < 2 * ELEMENTWISE_PART
+                or not all(isinstance(a, np.ndarray) and a.flags.c_contiguous and a.size == size for a in arrays)):
+            update(*arrays)
+            return
+        flat = [a.reshape(-1) for a in arrays]          # views: the slices write into the arrays
+        parts = [slice(start, start + ELEMENTWISE_PART) for start in range(0, size, ELEMENTWISE_PART)]
+        self.workers.each(lambda part, _slot: update(*(a[part] for a in flat)), parts)
 
     @staticmethod
     def _sum_into_layers(layers, grads_of_shares):

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .. import backend
-from ..engines.training import engine_for
+from ..engines.training import GradientEngine, engine_for
 from ..layers.base import no_grad
 from ..model import Model
 from .progress import Progress
@@ -137,6 +137,7 @@ def fit(model, x, y, loss, optimizer, epochs, batch_size=32, validation_data=Non
     if len(x) == 0:
         raise ValueError('fit: no training examples (x is empty)')
     runner = runner_for(model, fast)         # (model stays referenced: a kept engine holds it weakly)
+    elementwise = runner.run_elementwise if isinstance(runner, GradientEngine) else None   # its threads
     order_rng = np.random.default_rng(seed)
     history, best_loss = History(), np.inf
     best_snapshot = _snapshot(model) if restore_best_weights else None     # the start, until an epoch beats it
@@ -156,7 +157,7 @@ def fit(model, x, y, loss, optimizer, epochs, batch_size=32, validation_data=Non
             total_loss += batch_loss * len(batch_indices)
             correct += int((predicted_classes(outputs, loss) == yb.reshape(-1)).sum())
             runner.backward(loss.backward(), stop_at=stop_at)
-            optimizer.apply_gradients(runner.layers)
+            optimizer.apply_gradients(runner.layers, run=elementwise)
             seen += len(batch_indices)
             if progress is not None:
                 progress.update(done, seen)
