@@ -182,6 +182,52 @@ def test_a_bad_argument_is_refused_before_any_work(example, option, value, tmp_p
     assert not out.exists()
 
 
+def help_entries(text):
+    """{first option string: its whole --help entry, on one line} for each option --help lists."""
+    options = re.split(r'^(?:options|optional arguments):$', text, maxsplit=1, flags=re.M)[1]
+    entries, current = {}, None
+    for line in options.splitlines():
+        start = re.match(r'  (-[^\s,]+)', line)
+        if start:
+            current = start.group(1)
+            entries[current] = line
+        elif current and line.strip():
+            entries[current] += ' ' + line
+    return entries
+
+
+def squashed(text):
+    """``text`` without whitespace: --help wraps its lines anywhere, even inside a long path."""
+    return ''.join(text.split())
+
+
+def test_finetune_help_shows_every_options_default(finetune, capsys):
+    with pytest.raises(SystemExit) as stop:
+        finetune.parse_args(['--help'])
+    assert stop.value.code == 0
+    entries = help_entries(capsys.readouterr().out)
+    options = [action for action in finetune.build_parser()._actions if action.dest != 'help']
+    assert len(options) >= 17
+    for action in options:
+        entry = squashed(entries[action.option_strings[0]])
+        if action.default is None:       # worked out at run time: the help says what in words, not 'None'
+            assert '(default:' in entry and '(default:None)' not in entry, (
+                f'{action.option_strings[0]}: its --help does not say its default in words')
+        else:
+            shown = squashed(f'(default: {action.default})')
+            assert shown in entry, f'{action.option_strings[0]}: its --help does not show {shown}'
+
+
+def test_finetune_defaults_are_those_the_readme_figures_were_measured_with(finetune):
+    args = finetune.parse_args([])
+    assert (args.train_from, args.augment, args.bn_statistics, args.fast, args.optimizer) == (
+        'block14', True, 'moving', True, 'sgd')
+    assert args.learning_rate == 1e-4
+    readme = ' '.join((REPO / 'README.md').read_text().split())
+    assert ('`examples/catdog_finetune.py` with its defaults (block 14 and the head trained on augmented photos, '
+            f'SGD 1e-4 with momentum 0.9, batch {args.batch_size}, {args.epochs} epochs,' in readme)
+
+
 @pytest.mark.parametrize('text, refused', [('1', False), ('0', True), ('-5', True), ('3.0', True), ('', True)])
 def test_positive_int_type(text, refused):
     if refused:
