@@ -242,8 +242,6 @@ def cases():
         Case('check_gradients missing', lambda: gradcheck.check_gradients(
             lambda: np.zeros(1), lambda d: {}, {'w': np.zeros(1)}, np.zeros(1)), ValueError, 'w'),
         # -- explain -----------------------------------------------------------------------------
-        Case('predicted_classes list', lambda: explain.predicted_classes([[0.1]]), TypeError, 'logits'),
-        Case('predicted_classes rank', lambda: explain.predicted_classes(np.zeros(3)), ShapeError, 'logits'),
         Case('class_scores class 2 of 2', lambda: explain.class_scores(np.zeros((1, 1)), [2]), ValueError, 'class_index'),
         Case('class_scores class 0.5', lambda: explain.class_scores(np.zeros((1, 1)), [0.5]), TypeError, 'classes'),
         Case('class_scores count', lambda: explain.class_scores(np.zeros((3, 1)), [0, 1]), ShapeError, 'classes'),
@@ -328,7 +326,7 @@ def test_every_public_function_has_a_row():
               'BatchNormalization', 'MaxPooling2D', 'Dense', 'Dropout', 'layer forward', 'layer backward', 'set_weights',
               'add forward', 'add backward', 'model forward', 'model backward', 'predict', 'model set_weights', 'BCE',
               'SCCE', 'SGD', 'Adam', 'apply_gradients', 'check_layer', 'rel_error', 'numerical_gradient',
-              'check_gradients', 'predicted_classes', 'class_scores', 'gradient_at', 'grad_cam', 'cam_from',
+              'check_gradients', 'class_scores', 'gradient_at', 'grad_cam', 'cam_from',
               'noisy_copy', 'saliency ', 'saliency_image', 'build_pair', 'load_photos', 'compare ', 'select_layers',
               'report']
     assert [name for name in public if name not in covered + ' '] == []

@@ -96,6 +96,24 @@ def test_gradcam_and_input_gradient_match_gradient_tape(xp, keras_reference, not
     assert_within(errors, 'explanations against GradientTape', FLOAT64_TOLERANCE)
 
 
+def test_the_predicted_class_is_fits_from_logits(xp):
+    """With no class_index, the class explained is the one ``fit`` scores from logits: one
+    logit means class 1 when z > 0 (not z > 0.5, the threshold for probabilities); K logits,
+    the argmax; handed back as a NumPy array on any backend."""
+    assert explain.predicted_classes is minixcept.workflows.fit.predicted_classes
+
+    def dense(kernel):
+        network = minixcept.Sequential([L.Dense(len(kernel), use_bias=False)], input_shape=(1,))
+        network.layers[0].set_weights([xp.asarray([kernel])])
+        return network
+    x = xp.asarray([[0.3], [-0.2], [0.0]])
+    for head, expected in ((dense([1.0]), [1, 0, 0]), (dense([1.0, -1.0, 0.5]), [0, 1, 0])):
+        _, classes, _, _ = explain.gradient_at(dense([1.0]), head, x)
+        assert type(classes) is np.ndarray and classes.tolist() == expected
+    np.testing.assert_array_equal(minixcept.asnumpy(explain.saliency(dense([1.0]), dense([1.0]), x, noise=0)),
+                                  [[1.0], [-1.0], [-1.0]])      # ds/dx = +1 for class 1, -1 for class 0
+
+
 # -- the fan-out sum, on a graph small enough for finite differences ---------------------
 class Forked(minixcept.Model):
     """input -> stem (conv) -> left (ReLU) -> left_conv -> join = left_conv + stem -> pool:

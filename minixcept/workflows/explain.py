@@ -30,16 +30,20 @@ import numpy as np
 from .. import backend, checks
 from ..errors import ShapeError
 from ..layers.base import no_grad
+from ..losses import BinaryCrossentropy
+from .fit import predicted_classes
 
 
 # -- the class score -----------------------------------------------------------------------
 
-def predicted_classes(logits):
-    """(N, K) logits -> (N,) the most probable class; one logit means class 1 when z > 0."""
-    logits = backend.asnumpy(checks.array(logits, 'logits', 'predicted_classes', rank=2))
-    if logits.shape[1] == 1:
-        return (logits[:, 0] > 0).astype(np.int64)
-    return np.argmax(logits, axis=1)
+#: What tells ``fit.predicted_classes`` that the head's outputs are logits (one logit: class 1
+#: when z > 0); it reads only ``from_logits``, so the same loss serves K logits (an argmax).
+_FROM_LOGITS = BinaryCrossentropy(from_logits=True)
+
+
+def _predicted(logits):
+    """(N, K) head logits -> (N,) the most probable class as a NumPy array, as ``fit`` scores it."""
+    return backend.asnumpy(predicted_classes(logits, _FROM_LOGITS))
 
 
 def class_scores(logits, classes):
@@ -68,7 +72,7 @@ def class_scores(logits, classes):
 def _classes(class_index, logits):
     """class_index as an (N,) array: one int for all images, one per image, or (None) predicted."""
     if class_index is None:
-        return predicted_classes(logits)
+        return _predicted(logits)
     return _class_indices(class_index, len(logits), 'class_index')
 
 
@@ -189,7 +193,7 @@ def saliency(model, head, x, samples=8, noise=0.15, seed=0, class_index=None, pr
         raise TypeError(f"saliency: progress must be a function (done, samples) or None, got {type(progress).__name__}")
     if class_index is None:
         with no_grad():
-            class_index = predicted_classes(head.forward(model.forward(x)))
+            class_index = _predicted(head.forward(model.forward(x)))
     rng = np.random.default_rng(seed)
     copies = samples if noise else 1
     total = None
