@@ -20,6 +20,7 @@ from minixcept import layers, optimizers
 from minixcept.workflows.finetune import (FineTuneModel, FrozenFeatureFeed, cache_frozen_features, first_layer_of_block,
                                 freeze_before, frozen_output_name)
 from minixcept.xception import preprocess_input
+from minixcept.files import images
 from minixcept.files.cache import weights_checksum
 
 sys.path.insert(0, str(REFERENCE_DIR))
@@ -198,7 +199,7 @@ def test_step_matches_the_stored_keras_step(xp, notop_weights):
 @pytest.fixture(scope='module')
 def live_photos(catdog):
     """The fixture's four photos, loaded by minixcept's own loader."""
-    pixels, loaded, failures = minixcept.files.images.load_batch([catdog / p for p in reference.PHOTOS], reference.SIDE)
+    pixels, loaded, failures = images.load_batch([catdog / p for p in reference.PHOTOS], reference.SIDE)
     assert not failures
     return pixels
 

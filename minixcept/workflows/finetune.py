@@ -43,7 +43,7 @@ augmentation every step sees new pixels, so the frozen part runs each time, unde
     x_val = cache_frozen_features(network, validation_pixels)          # computed once
     x_train = FrozenFeatureFeed(network, train_pixels, rng=np.random.default_rng(0))  # augmented
     fit(network, x_train, train_labels, BinaryCrossentropy(from_logits=True),
-        SGD(1e-4, momentum=0.9), epochs=5, validation_data=(x_val, validation_labels))
+        SGD(1e-4, momentum=0.9), epochs=3, validation_data=(x_val, validation_labels))
 """
 import time
 
