@@ -5,6 +5,7 @@ beside the machine's matrix-product floor.
     python benchmarks/three_way.py                          # batch 8, 299 px, 5 rounds
     python benchmarks/three_way.py --batch 1 --size 96 --rounds 1     # a smoke test
     python benchmarks/three_way.py --json three_way.json    # also write the report as JSON
+    python benchmarks/three_way.py --package-path /tmp/before     # another checkout's minixcept
 
 Needs TensorFlow (the ``reference`` extra) and PyTorch (the ``bench`` extra); without PyTorch
 it runs minixcept and TensorFlow only and says so. All three run in this one process on the
@@ -36,7 +37,16 @@ time is the rate, G multiply-adds/s. The forward floor is the whole network's mu
 The report names the CPU (lscpu), its vector width (AVX2 / AVX-512 flags), NumPy's BLAS, its
 kernel and threads (threadpoolctl), PyTorch's and TensorFlow's threads and the load average
 before and after, and the CPU that other processes took during the run (/proc/stat less
-this process's own time: the load average counts the run's own threads too).
+this process's own time: the load average counts the run's own threads too), and which
+minixcept it measured: the package's folder and the git commit of the checkout it is in,
+with whether the package's files differ from that commit.
+
+``--package-path DIR`` measures the minixcept package in DIR (a checkout or ``git worktree`` of
+another commit, e.g. the state before a change) with this script, its PyTorch network, floor
+and timing, so that a before and an after run differ in the package alone. ``PYTHONPATH``
+does not do it: this script puts its own checkout first on ``sys.path``. The package is
+imported from DIR before anything else imports minixcept, and the run stops if it came from
+anywhere else.
 """
 import argparse
 import datetime
@@ -109,7 +119,9 @@ def time_rounds(named, x, dy, rounds):
     return seconds, outputs
 
 
-def describe_machine(tf, torch):
+def describe_cpu():
+    """The machine, NumPy and its BLAS, without the frameworks (``describe_machine`` adds them;
+    ``breakdown.py`` uses this alone)."""
     info = lscpu()
     flags = set(info.get('Flags', '').split())
     width = ('AVX-512 (512-bit)' if 'avx512f' in flags else 'AVX2 (256-bit)' if 'avx2' in flags
@@ -131,15 +143,54 @@ def describe_machine(tf, torch):
         'numpy': np.__version__,
         'numpy_blas': blas,
         'blas_environment': environment or 'none set',
-        'tensorflow': tf.__version__,
-        'tensorflow_threads': (f"intra-op {tf.config.threading.get_intra_op_parallelism_threads() or 'default'}, "
-                               f"inter-op {tf.config.threading.get_inter_op_parallelism_threads() or 'default'}"),
     }
+    return machine
+
+
+def describe_machine(tf, torch):
+    machine = describe_cpu()
+    machine['tensorflow'] = tf.__version__
+    machine['tensorflow_threads'] = (f"intra-op {tf.config.threading.get_intra_op_parallelism_threads() or 'default'}, "
+                                     f"inter-op {tf.config.threading.get_inter_op_parallelism_threads() or 'default'}")
     if torch is not None:
         machine['torch'] = torch.__version__
         machine['torch_threads'] = torch.get_num_threads()
         machine['torch_cpu_capability'] = torch.backends.cpu.get_cpu_capability()
     return machine
+
+
+def use_package(path):
+    """Import minixcept from the checkout at ``path`` (default: this script's own), first on
+    sys.path, and say which one it is: {'path': the package's folder, 'commit': the git
+    commit of its checkout (None outside git), 'package_files_changed': whether the files
+    under minixcept/ differ from that commit (git status)}. Stops the run if minixcept was
+    already imported from elsewhere, or comes from elsewhere."""
+    root = Path(path).resolve() if path is not None else REPO
+    if not (root / 'minixcept' / '__init__.py').exists():
+        raise SystemExit(f'--package-path {root}: no minixcept/__init__.py there')
+    if 'minixcept' not in sys.modules:
+        sys.path.insert(0, str(root))
+    import minixcept
+    package = Path(minixcept.__file__).resolve().parent
+    if package != root / 'minixcept':
+        raise SystemExit(f'minixcept was imported from {package}, not from {root / "minixcept"}')
+
+    def git(*words):
+        try:
+            done = subprocess.run(['git', '-C', str(root), *words], capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+    commit = git('rev-parse', 'HEAD')
+    changed = git('status', '--porcelain', '--', 'minixcept')
+    return {'path': str(package), 'commit': commit,
+            'package_files_changed': None if changed is None else bool(changed)}
+
+
+def package_line(package):
+    state = ('' if package['package_files_changed'] is None else
+             ', package files changed since the commit' if package['package_files_changed'] else ', clean')
+    return f"{package['path']} (git {package['commit'] or 'unknown'}{state})"
 
 
 def blas_line(machine):
@@ -424,7 +475,10 @@ def main(argv=None):
     parser.add_argument('--size', type=int, default=299, help='image side in pixels (at least 71)')
     parser.add_argument('--rounds', type=int, default=5, help='timed rounds per pass (median)')
     parser.add_argument('--json', type=Path, help='also write the report here as JSON')
+    parser.add_argument('--package-path', type=Path, metavar='DIR',
+                        help="measure the minixcept package in this checkout (default: this script's own)")
     args = parser.parse_args(argv)
+    package = use_package(args.package_path)          # before anything imports minixcept
     load_before = load_average()
     busy_before, mine_before = cpu_seconds()
     wall_before = time.perf_counter()
@@ -444,6 +498,7 @@ def main(argv=None):
     print(f"# {machine['cpu']} ({machine['cpu_family_model']}), {machine['cores']} cores, {machine['vector_width']}; "
           f"NumPy BLAS: {blas_line(machine)}; BLAS environment: {machine['blas_environment']}; "
           f"load average {load_before}", flush=True)
+    print(f"# minixcept measured: {package_line(package)}", flush=True)
 
     rng = np.random.default_rng(0)
     x = rng.uniform(-1, 1, (args.batch, args.size, args.size, 3)).astype(np.float32)
@@ -499,6 +554,7 @@ def main(argv=None):
     macs_per_photo = macs if macs is not None else 8_355_355_496 * (args.size / 299) ** 2
     report = {
         'machine': machine,
+        'package': package,
         'run': {'batch': args.batch, 'size': args.size, 'rounds': args.rounds,
                 'weights': path.name, 'batch_norm': 'moving statistics'},
         'load_average_before': load_before,
@@ -521,6 +577,7 @@ def main(argv=None):
     print(f"Machine: {machine['cpu']} ({machine['cpu_family_model']}), {machine['cores']} cores, "
           f"{machine['vector_width']}")
     print(f"NumPy {machine['numpy']}, BLAS: {blas_line(machine)}; BLAS environment: {machine['blas_environment']}")
+    print(f"minixcept: {package_line(package)}")
     print(f"TensorFlow {machine['tensorflow']} ({machine['tensorflow_threads']}); PyTorch "
           f"{machine.get('torch', 'not installed')} ({machine.get('torch_threads', '-')} threads, "
           f"{machine.get('torch_cpu_capability', '-')})")
