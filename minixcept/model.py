@@ -174,8 +174,8 @@ class Model:
 
         fast: run the inference engine (``minixcept.engines``: batch-norm folded into the
         convolutions, ReLU fused, work in cache-sized tiles, one thread per core), which
-        agrees with the layers to float32 rounding and runs Xception about 2.5 times as fast
-        on a 2-core CPU (benchmarks/RESULTS.md). ``fast=False`` runs the plain layers one by
+        agrees with the layers to float32 rounding and is faster on the CPU (how much:
+        benchmarks/RESULTS.md). ``fast=False`` runs the plain layers one by
         one, as ``forward`` does. The engine is kept for the model from call to call (with the
         memory it reuses) and folds the weights again whenever they change. On CuPy arrays it
         runs the same folded, fused steps as whole-batch device operations on the calling
