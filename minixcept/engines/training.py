@@ -438,30 +438,34 @@ def _parts(size, workers, narrowest=64):
 
 
 def fast_dense_forward(layer, x, training, fused=NOT_FUSED, share=WHOLE_BATCH):
-    """y = x @ kernel + bias, then the layer's ReLU if it has one, with the product cut by the
-    kernel's columns into parts that the share's threads take one after another (a
-    thread kept off its core holds up only its part). Keeps x and y (where y > 0 is the
-    ReLU's mask). Equals ``dense.dense_forward`` (and ``activation.relu_forward``)."""
+    """z = x @ kernel + bias, with the product cut by the kernel's columns into parts that the
+    share's threads take one after another (a thread kept off its core holds up only its
+    part), then the layer's ReLU if it has one (``fast_relu_forward``). Keeps x and the
+    ReLU's output (None without one). Equals ``dense.dense_forward`` (and
+    ``activation.relu_forward``)."""
     kernel, bias = layer.params['kernel'], layer.params.get('bias')
-    y = new_array((len(x), kernel.shape[1]), np.result_type(x, kernel))
+    z = new_array((len(x), kernel.shape[1]), np.result_type(x, kernel))
 
     def columns(part, _slot):
-        y[:, part] = x @ kernel[:, part]             # (matmul's out= is slow on a strided slice)
+        z[:, part] = x @ kernel[:, part]             # (matmul's out= is slow on a strided slice)
     share.workers.each(columns, _parts(kernel.shape[1], share.workers))
     if bias is not None:
-        y += bias
-    if layer.activation == 'relu':
-        np.maximum(y, 0, out=y)
+        z += bias
+    if layer.activation != 'relu':
+        return z, (x, None, share.workers)
+    y, _ = fast_relu_forward(layer, z, training)
+    done_with(z)
     return y, (x, y, share.workers)
 
 
 def fast_dense_backward(layer, dy, cache):
-    """dz = dy (times the ReLU's mask), then dkernel = x.T @ dz and dx = dz @ kernel.T cut
-    alike by the kernel's rows: part r gives dkernel[r] and dx[:, r]. dbias = the sum of dz
-    over the batch. Equals ``dense.dense_backward`` (and ``activation.relu_backward``)."""
+    """dz = dy (through the ReLU's backward, ``fast_relu_backward``, if the layer has one), then
+    dkernel = x.T @ dz and dx = dz @ kernel.T cut alike by the kernel's rows: part r gives
+    dkernel[r] and dx[:, r]. dbias = the sum of dz over the batch. Equals
+    ``dense.dense_backward`` (and ``activation.relu_backward``)."""
     x, y, workers = cache
     kernel = layer.params['kernel']
-    dz = np.multiply(dy, y > 0, out=new_like(dy)) if layer.activation == 'relu' else dy
+    dz = dy if y is None else fast_relu_backward(layer, dy, y)[0]
     dkernel = np.empty(kernel.shape, dz.dtype)                       # the layer's grads: the caller's arrays
     dx = new_array(x.shape, dz.dtype)
 
